@@ -1,0 +1,128 @@
+"""SQL schema and engine: credentials, subject tokens and audit events.
+
+Credentials are keyed by (user_id, server_key) in real columns, never by a
+joined string, so a user named ``alice:x`` can never show up in ``alice``'s
+listing. Secrets live only in ``ciphertext``; everything else is the plaintext
+metadata that scheduling and listings need.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["metadata", "credentials", "subject_tokens", "audit_events", "make_engine", "UTCDateTime"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC: SQLite and PostgreSQL agree."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("user_id", String(256), primary_key=True),
+    Column("server_key", String(64), primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("obtained_via", String(24), nullable=False),
+    Column("token_type", String(32), nullable=False),
+    Column("scopes", Text, nullable=False, default="[]"),
+    Column("audience", Text, nullable=True),
+    Column("issued_at", UTCDateTime, nullable=True),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("refresh_at", UTCDateTime, nullable=True),
+    Column("failure", String(64), nullable=True),
+    Column("last_used_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("version", Integer, nullable=False),
+    Index("ix_credentials_expires_at", "expires_at"),
+    # The beat's due scan: refresh point reached, most recent first filter.
+    Index("ix_credentials_refresh_at", "refresh_at"),
+    Index("ix_credentials_key_id", "key_id"),
+)
+
+subject_tokens = Table(
+    "subject_tokens",
+    metadata,
+    Column("user_id", String(256), primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("version", Integer, nullable=False),
+    Index("ix_subject_tokens_key_id", "key_id"),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", UTCDateTime, nullable=False),
+    Column("user_id", String(256), nullable=True),
+    Column("server", String(128), nullable=True),
+    Column("method", String(24), nullable=True),
+    Column("action", String(24), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("request_id", String(128), nullable=True),
+    Index("ix_audit_ts", "ts"),
+    Index("ix_audit_user_ts", "user_id", "ts"),
+    Index("ix_audit_server_ts", "server", "ts"),
+)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned for many short transactions from worker threads."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets readers proceed during a write; several processes share the file.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    return create_engine(url, **kwargs)
