@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import UnknownServer
+import yaml
+
+from .errors import ConfigError, UnknownServer
 from .secret import Secret
+from .server_config import (
+    DEFAULT_HEADER,
+    DEFAULT_HEADER_FORMAT,
+    check_env_name,
+    check_header,
+    check_header_format,
+    check_resource,
+    check_server_name,
+    check_url,
+    field_error,
+    optional_str,
+    parse_scopes,
+)
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
     "Mode",
@@ -17,6 +40,9 @@ __all__ = [
     "ServerConfig",
     "ServerRegistry",
     "server_key",
+    "parse_servers",
+    "load_servers",
+    "servers_from_settings",
 ]
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
@@ -54,8 +80,8 @@ class AuthBrokerConfig:
     resource: str | None = None
     audience: str | None = None
     requested_token_type: str = ACCESS_TOKEN_TYPE
-    header: str = "Authorization"
-    header_format: str = "Bearer {token}"
+    header: str = DEFAULT_HEADER
+    header_format: str = DEFAULT_HEADER_FORMAT
 
 
 @dataclass(frozen=True)
@@ -101,4 +127,219 @@ class ServerRegistry(Mapping[str, ServerConfig]):
         return self._by_key.get(key)
 
 
-# Loading and validation (load_servers, parse_servers) follow below.
+
+# Loading and validation. Rules and messages are in ``server_config``.
+
+_AUTH_FIELDS = frozenset(
+    {
+        "mode", "token_endpoint", "authorization_endpoint", "revocation_endpoint",
+        "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
+        "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
+    }
+)
+# mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
+_HTTP_PROTOCOLS = frozenset({"http", "sse", "streamable-http", "streamable_http", "auto"})
+
+
+def _endpoint(raw: Mapping[str, object], key: str, label: str) -> str | None:
+    field = f"auth_broker.{key}"
+    value = optional_str(raw, key, label, field)
+    if value is None:
+        return None
+    check_url(value, label, field, https=True)
+    if key == "issuer" and "?" in value:  # RFC 8414 §2: no query or fragment
+        raise field_error(label, field, "must not contain a query")
+    return value
+
+
+def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str]) -> Secret | None:
+    inline, env_name = raw.get("client_secret"), raw.get("client_secret_env")
+    if inline is not None and env_name is not None:
+        raise field_error(label, "auth_broker.client_secret", "give client_secret or client_secret_env, not both")
+    if inline is not None:
+        if not isinstance(inline, str) or not inline:
+            raise field_error(label, "auth_broker.client_secret", "must be a non-empty string")
+        return Secret(inline)
+    if env_name is None:
+        return None
+    field = "auth_broker.client_secret_env"
+    name = check_env_name(env_name, label, field)
+    value = environ.get(name)
+    if not value:
+        raise field_error(label, field, f"environment variable {name!r} is not set or empty")
+    return Secret(value)
+
+
+def _choice(enum: type[Mode] | type[ClientAuth], value: object, label: str, field: str) -> object:
+    try:
+        return enum(value)
+    except (ValueError, TypeError):
+        choices = ", ".join(member.value for member in enum)
+        raise field_error(label, field, f"must be one of {choices}") from None
+
+
+def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBrokerConfig:
+    if raw is None:
+        raise field_error(label, "auth_broker", "required (how this server's credentials are obtained)")
+    if not isinstance(raw, Mapping):
+        raise field_error(label, "auth_broker", "must be a mapping")
+    unknown = sorted(str(k) for k in raw if k not in _AUTH_FIELDS)
+    if unknown:  # a typo must not silently drop a setting
+        hints = [m for k in unknown for m in difflib.get_close_matches(k, _AUTH_FIELDS, 1)]
+        hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+        raise field_error(label, "auth_broker", f"unknown field(s) {', '.join(map(repr, unknown))}{hint}")
+    mode = Mode(_choice(Mode, raw.get("mode"), label, "auth_broker.mode"))
+    client_auth = ClientAuth(
+        _choice(ClientAuth, raw.get("client_auth") or ClientAuth.CLIENT_SECRET_POST, label, "auth_broker.client_auth")
+    )
+    issuer = _endpoint(raw, "issuer", label)
+    token_endpoint = _endpoint(raw, "token_endpoint", label)
+    authorization_endpoint = _endpoint(raw, "authorization_endpoint", label)
+    revocation_endpoint = _endpoint(raw, "revocation_endpoint", label)
+    client_id = optional_str(raw, "client_id", label, "auth_broker.client_id")
+    secret = _client_secret(raw, label, environ)
+    resource = optional_str(raw, "resource", label, "auth_broker.resource")
+    if resource is not None:
+        check_resource(resource, label, "auth_broker.resource")
+
+    if token_endpoint is None and issuer is None:
+        raise field_error(label, "auth_broker.token_endpoint", "required (or give issuer for discovery)")
+    if mode is Mode.OAUTH_CONNECT:
+        if authorization_endpoint is None and issuer is None:
+            raise field_error(
+                label, "auth_broker.authorization_endpoint",
+                "required for oauth_connect (or give issuer for discovery)",
+            )
+        if client_id is None:
+            raise field_error(label, "auth_broker.client_id", "required for oauth_connect")
+    if mode is Mode.ENTRA_OBO and client_id is None:
+        raise field_error(label, "auth_broker.client_id", "required for entra_obo")
+    if secret is not None and client_id is None:
+        raise field_error(label, "auth_broker.client_id", "required when a client secret is given")
+    if client_auth is ClientAuth.CLIENT_SECRET_BASIC and secret is None:
+        raise field_error(label, "auth_broker.client_auth", "client_secret_basic requires a client secret")
+
+    def text(key: str) -> str | None:
+        return optional_str(raw, key, label, f"auth_broker.{key}")
+
+    return AuthBrokerConfig(
+        mode=mode,
+        token_endpoint=token_endpoint,
+        authorization_endpoint=authorization_endpoint,
+        revocation_endpoint=revocation_endpoint,
+        issuer=issuer,
+        client_id=client_id,
+        client_secret=secret,
+        client_auth=client_auth,
+        scopes=parse_scopes(raw.get("scopes"), label, "auth_broker.scopes"),
+        resource=resource,
+        audience=text("audience"),
+        requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
+        header=check_header(text("header"), label, "auth_broker.header"),
+        header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+    )
+
+
+def _server(entry: object, position: int, key_name: str | None, environ: Mapping[str, str]) -> ServerConfig:
+    if not isinstance(entry, Mapping):
+        raise field_error(f"server #{position}", "entry", "must be a mapping")
+    if key_name is not None and entry.get("name", key_name) != key_name:
+        raise field_error(f"server #{position}", "name", "differs from its mcpServers key")
+    name = check_server_name(key_name if key_name is not None else entry.get("name"), position)
+    label = f"server {name!r}"
+    protocol = entry.get("protocol")
+    if protocol is not None and not isinstance(protocol, str):
+        raise field_error(label, "protocol", "must be a string")
+    if protocol == "stdio" or (entry.get("command") and not entry.get("url")):
+        raise field_error(label, "protocol", "stdio upstreams are not supported (the broker injects HTTP headers)")
+    if protocol is not None and protocol not in _HTTP_PROTOCOLS:
+        raise field_error(label, "protocol", f"must be one of {', '.join(sorted(_HTTP_PROTOCOLS))}")
+    url = optional_str(entry, "url", label, "url")
+    if url is None:
+        raise field_error(label, "url", "required")
+    check_url(url, label, "url", https=False)
+    return ServerConfig(name=name, url=url, auth_broker=_auth_broker(entry.get("auth_broker"), label, environ))
+
+
+def _entries(data: object) -> list[tuple[str | None, object]]:
+    """The server entries of any accepted top-level shape, with dict-form names."""
+    if data is None:
+        return []
+    if isinstance(data, Mapping):
+        present = [k for k in ("servers", "mcpServers") if k in data]
+        if len(present) != 1:
+            raise ConfigError("servers file: expected one top-level 'servers' or 'mcpServers' key")
+        data = data[present[0]]
+        if data is None:
+            return []
+        if isinstance(data, Mapping):
+            return [(str(k), v) for k, v in data.items()]
+    if isinstance(data, list):
+        return [(None, v) for v in data]
+    raise ConfigError("servers file: expected a list of servers, or 'servers' / 'mcpServers'")
+
+
+def parse_servers(data: object, environ: Mapping[str, str] | None = None) -> ServerRegistry:
+    """Validate decoded server config (any accepted shape) into a registry.
+
+    ``environ`` (default ``os.environ``) supplies ``client_secret_env`` values,
+    so a config file need hold no secret.
+    """
+    env = os.environ if environ is None else environ
+    servers: list[ServerConfig] = []
+    seen: dict[str, int] = {}
+    for position, (key_name, entry) in enumerate(_entries(data), 1):
+        server = _server(entry, position, key_name, env)
+        if server.name in seen:
+            raise field_error(f"server {server.name!r}", "name", f"duplicate (also server #{seen[server.name]})")
+        seen[server.name] = position
+        servers.append(server)
+    return ServerRegistry(servers)
+
+
+def _from_yaml(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # str(exc) quotes the offending line, which may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{where}") from None
+
+
+def _from_json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> ServerRegistry:
+    """Read a YAML or JSON servers file (by suffix, else JSON then YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "cannot be read"
+        raise ConfigError(f"servers file {str(path)!r}: {reason}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = _from_yaml(text)
+        elif suffix == ".json":
+            data = _from_json(text)
+        else:
+            try:
+                data = _from_json(text)
+            except ConfigError:
+                data = _from_yaml(text)
+        return parse_servers(data, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"servers file {str(path)!r}: {exc.message}") from None
+
+
+def servers_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> ServerRegistry:
+    """The configured servers: empty when ``SERVERS_FILE`` is unset."""
+    if settings.servers_file is None:
+        return ServerRegistry()
+    return load_servers(settings.servers_file, environ)

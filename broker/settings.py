@@ -8,6 +8,7 @@ only disables the store.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -48,8 +49,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 class Settings:
     """Every setting of credential-broker; see the README for each one."""
 
-    database_url: str = "sqlite:///credbroker.db"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # repr=False: these URLs may carry passwords and Settings gets logged.
+    database_url: str = field(default="sqlite:///credbroker.db", repr=False)
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     keyring: Keyring | None = None
     transport_key: bytes | None = field(default=None, repr=False)
     servers_file: Path | None = None
@@ -123,7 +125,11 @@ SETTING_NAMES: dict[str, str] = {
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:  # e.g. an unclosed IPv6 bracket or a port out of range
+        raise ConfigError(f"{PREFIX}{name}: not a valid URL") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"{PREFIX}{name}: scheme must be one of {', '.join(schemes)}")
     if parts.scheme.startswith(("http", "redis")) and not parts.hostname and parts.scheme != "redis+socket":
@@ -136,6 +142,8 @@ def _number(name: str, value: str, kind: type, minimum: float) -> float | int:
         number = kind(value)
     except ValueError:
         raise ConfigError(f"{PREFIX}{name}: expected a {kind.__name__}, got {value!r}") from None
+    if not math.isfinite(number):  # nan compares false to everything and would pass
+        raise ConfigError(f"{PREFIX}{name}: must be a finite number")
     if number < minimum:
         raise ConfigError(f"{PREFIX}{name}: must be at least {minimum}")
     return number
