@@ -1,0 +1,33 @@
+"""Header injection: the one header an upstream call carries for the user."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from .errors import InvalidRequest, UpstreamError
+from .secret import Secret
+
+__all__ = ["render_header_value", "apply_header"]
+
+_FORBIDDEN = frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
+
+
+def render_header_value(header_format: str, token: Secret) -> Secret:
+    """Fill ``header_format``; a token with CR, LF or another control character
+    is refused, so a hostile provider cannot split a header."""
+    raw = token.reveal()
+    if any(ch in _FORBIDDEN for ch in raw):
+        raise UpstreamError("authorization server returned a token with control characters")
+    return Secret(header_format.replace("{token}", raw))
+
+
+def apply_header(headers: MutableMapping[str, str], name: str, value: Secret) -> MutableMapping[str, str]:
+    """Set ``name`` on ``headers``, replacing any header of that name whatever
+    its case; the caller's inbound token is dropped, never merged."""
+    raw = value.reveal()
+    if "\r" in raw or "\n" in raw or "\x00" in raw:
+        raise InvalidRequest("header value contains CR, LF or NUL")
+    for existing in [k for k in headers if k.lower() == name.lower()]:
+        del headers[existing]
+    headers[name] = raw
+    return headers

@@ -1,0 +1,320 @@
+"""The resolve ordering: per-user only, no fallback, ever.
+
+1. a valid cached credential not near expiry: inject it;
+2. near expiry or expired: renew (re-mint, or refresh-token grant); if renewal
+   fails while the credential is still valid, serve it (stale-if-error);
+3. none cached: mint from the subject token, or ``subject_token_missing``;
+4. oauth_connect never connected, or unrenewable and expired: ``not_connected``
+   with a connect URL and a reason;
+5. otherwise ``no_credential``. Never another user's, never a shared token.
+
+The policy hook runs after acquisition, before anything is returned. Every
+resolve is audited as inject, acquire, refresh or connect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .audit import Action, AuditEvent, AuditSink, Outcome
+from .clock import Clock
+from .connect import OAuthPort
+from .errors import BrokerError, NotConnected, SubjectTokenMissing, UpstreamError
+from .headers import apply_header, render_header_value
+from .models import Credential, CredentialStatus, StoredCredential, refresh_point
+from .policy import Policy, PolicyInput, allow_all, enforce
+from .secret import Secret
+from .servers import Mode, ServerConfig, ServerRegistry
+from .store import CredentialStore
+
+__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The header to inject for (user, server) now, plus non-secret metadata."""
+
+    server: str
+    header: str
+    value: Secret
+    token_type: str
+    expires_at: datetime | None
+    obtained_via: str
+    refresh_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's resolve body; the header value is revealed here only."""
+        return {
+            "server": self.server,
+            "header": self.header,
+            "value": self.value.reveal(),
+            "token_type": self.token_type,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "obtained_via": self.obtained_via,
+        }
+
+    def apply(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+        """Set the header, replacing any same-named one (case-insensitively)."""
+        return apply_header(headers, self.header, self.value)
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What a flight produced: the credential and how the resolve is classified."""
+
+    credential: Credential
+    action: Action
+    outcome: Outcome = Outcome.SUCCESS
+    reason: str | None = None
+
+
+_Outcome = Acquisition
+
+
+class Resolver:
+    """Decides, acquires, renews and returns per-user credentials."""
+
+    def __init__(
+        self,
+        servers: ServerRegistry,
+        store: CredentialStore,
+        oauth: OAuthPort,
+        audit: AuditSink,
+        clock: Clock,
+        *,
+        policy: Policy = allow_all,
+        connect_url: Callable[[str, str], str | None] | None = None,
+        near_expiry: timedelta = timedelta(seconds=60),
+        refresh_fraction: float = 0.8,
+        touch_interval: timedelta = timedelta(seconds=60),
+    ) -> None:
+        self.servers = servers
+        self.store = store
+        self.oauth = oauth
+        self.audit = audit
+        self.clock = clock
+        self.policy = policy
+        self.connect_url = connect_url
+        self.near_expiry = near_expiry
+        self.refresh_fraction = refresh_fraction
+        self.touch_interval = touch_interval
+
+    # -- public ----------------------------------------------------------------
+
+    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None) -> Resolved:
+        """The header for (user, server) now, or a BrokerError saying why not."""
+        server = self.servers.get_server(server_name)
+        try:
+            acquisition = self.acquire(user_id, server_name)
+        except BrokerError as exc:
+            record_failure(self.audit, self.clock, user_id, server, exc, request_id)
+            raise
+        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
+                      self.near_expiry, self.refresh_fraction)
+
+    def acquire(self, user_id: str, server_name: str) -> Acquisition:
+        """Steps 1-5 of the ordering, without policy or audit (the flight's work;
+        each caller then runs policy and audit on its own call)."""
+        server = self.servers.get_server(server_name)
+        result = self._acquire(user_id, server, self.clock.now())
+        return Acquisition(result.credential, result.action, result.outcome, result.reason)
+
+    def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive") -> Acquisition | None:
+        """Proactive refresh: renew only if the refresh point has passed.
+
+        Re-reads the store first, so a refresh another flight already made is
+        never repeated. No policy runs: nothing is handed to a caller.
+        """
+        server = self.servers.get_server(server_name)
+        now = self.clock.now()
+        stored = self.store.get(user_id, server.key)
+        if stored is None or stored.status is CredentialStatus.NEEDS_RECONNECT:
+            return None
+        if not self._due(stored.credential, now):
+            return Acquisition(stored.credential, Action.INJECT)
+        try:
+            result = self._renew(user_id, server, stored, now)
+        except BrokerError as exc:
+            self._record(Action.REFRESH, Outcome.FAILURE, user_id, server, _method(server), _reason(exc), None)
+            return None
+        self._record(Action.REFRESH, result.outcome, user_id, server, _method(server),
+                     result.reason or trigger, None)
+        return Acquisition(result.credential, result.action, result.outcome, result.reason)
+
+    # -- ordering ----------------------------------------------------------------
+
+    def _acquire(self, user_id: str, server: ServerConfig, now: datetime) -> _Outcome:
+        stored = self.store.get(user_id, server.key)
+        if stored is not None:
+            cred = stored.credential
+            if stored.status is CredentialStatus.NEEDS_RECONNECT:
+                if not cred.is_expired(now):
+                    self._touch(stored, now)
+                    return _Outcome(cred, Action.INJECT, Outcome.STALE, "needs_reconnect")
+                if server.mode is Mode.OAUTH_CONNECT:
+                    raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+                return self._mint(user_id, server, now, stored)
+            if not self._due(cred, now):
+                self._touch(stored, now)
+                return _Outcome(cred, Action.INJECT)
+            return self._renew(user_id, server, stored, now)
+        if server.mode is Mode.OAUTH_CONNECT:
+            raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
+        return self._mint(user_id, server, now, None)
+
+    def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime) -> _Outcome:
+        cred = stored.credential
+        try:
+            if server.mode is Mode.OAUTH_CONNECT:
+                if cred.refresh_token is None:
+                    if not cred.is_expired(now):
+                        return _Outcome(cred, Action.REFRESH, Outcome.STALE, "no_refresh_token")
+                    raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+                new = self.oauth.refresh(server, cred)
+            else:
+                new = self.oauth.mint(server, self._subject_token(user_id, now))
+        except NotConnected:
+            raise
+        except (UpstreamError, SubjectTokenMissing) as exc:
+            return self._renewal_failed(user_id, server, stored, now, exc)
+        written = self.store.compare_and_swap(user_id, server.key, stored.version, new)
+        if written is None:
+            current = self.store.get(user_id, server.key)
+            if current is not None and not self._due(current.credential, now):
+                return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
+            log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
+        else:
+            self._touch(written, now)
+        return _Outcome(new, Action.REFRESH)
+
+    def _renewal_failed(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
+                        exc: BrokerError) -> _Outcome:
+        cred = stored.credential
+        reason = _reason(exc)
+        if server.mode is Mode.OAUTH_CONNECT and isinstance(exc, UpstreamError) and exc.oauth_error == "invalid_grant":
+            # Another flight may have rotated the refresh token already: re-read first.
+            current = self.store.get(user_id, server.key)
+            if current is not None and current.version != stored.version and not self._due(current.credential, now):
+                return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
+            self.store.set_status(user_id, server.key, CredentialStatus.NEEDS_RECONNECT,
+                                  expected_version=stored.version, failure="invalid_grant")
+            if not cred.is_expired(now):
+                return _Outcome(cred, Action.REFRESH, Outcome.STALE, "invalid_grant")
+            raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+        if not cred.is_expired(now):
+            self.store.set_status(user_id, server.key, CredentialStatus.DEGRADED,
+                                  expected_version=stored.version, failure=reason)
+            return _Outcome(cred, Action.REFRESH, Outcome.STALE, reason)
+        if server.mode is Mode.OAUTH_CONNECT and isinstance(exc, UpstreamError) and not exc.retryable:
+            self.store.set_status(user_id, server.key, CredentialStatus.NEEDS_RECONNECT,
+                                  expected_version=stored.version, failure=reason)
+            raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+        raise exc
+
+    def _mint(self, user_id: str, server: ServerConfig, now: datetime, stored: StoredCredential | None) -> _Outcome:
+        new = self.oauth.mint(server, self._subject_token(user_id, now))
+        expected = None if stored is None else stored.version
+        written = self.store.compare_and_swap(user_id, server.key, expected, new)
+        if written is None:
+            current = self.store.get(user_id, server.key)
+            if current is not None and not self._due(current.credential, now):
+                return _Outcome(current.credential, Action.ACQUIRE, Outcome.SUCCESS, "minted_elsewhere")
+        else:
+            self._touch(written, now)
+        return _Outcome(new, Action.ACQUIRE)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _subject_token(self, user_id: str, now: datetime) -> Secret:
+        subject = self.store.get_subject_token(user_id)
+        if subject is None or subject.is_expired(now):
+            raise SubjectTokenMissing()
+        return subject.token
+
+    def _due(self, cred: Credential, now: datetime) -> bool:
+        point = refresh_point(cred.issued_at, cred.expires_at, self.near_expiry, self.refresh_fraction)
+        return point is not None and now >= point
+
+    def _touch(self, stored: StoredCredential, now: datetime) -> None:
+        if stored.last_used_at is None or now - stored.last_used_at >= self.touch_interval:
+            self.store.touch(stored.user_id, stored.server_key, now)
+
+    def _not_connected(self, user_id: str, server: ServerConfig, reason: str) -> NotConnected:
+        url = None
+        if self.connect_url is not None:
+            try:
+                url = self.connect_url(user_id, server.name)
+            except BrokerError as exc:
+                log.warning("could not start a connect flow for server %s: %s", server.name, exc.code)
+        return NotConnected(reason=reason, connect_url=url)
+
+    def _record(self, action: Action, outcome: Outcome, user_id: str, server: ServerConfig, method: str,
+                reason: str | None, request_id: str | None) -> None:
+        _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
+
+
+def resolved_from(server: ServerConfig, cred: Credential, near_expiry: timedelta = timedelta(seconds=60),
+                  refresh_fraction: float = 0.8) -> Resolved:
+    """The header to inject for a credential, per the server's header config."""
+    cfg = server.auth_broker
+    return Resolved(
+        server=server.name,
+        header=cfg.header,
+        value=render_header_value(cfg.header_format, cred.access_token),
+        token_type=cred.token_type,
+        expires_at=cred.expires_at,
+        obtained_via=cred.obtained_via.value,
+        refresh_at=refresh_point(cred.issued_at, cred.expires_at, near_expiry, refresh_fraction),
+    )
+
+
+def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
+           acquisition: Acquisition, request_id: str | None, near_expiry: timedelta = timedelta(seconds=60),
+           refresh_fraction: float = 0.8) -> Resolved:
+    """Policy, then audit, for one caller's resolve; the same in worker and client."""
+    cred = acquisition.credential
+    method = _method(server)
+    try:
+        enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
+                                    cred.expires_at, cred.obtained_via.value))
+        resolved = resolved_from(server, cred, near_expiry, refresh_fraction)
+    except BrokerError as exc:
+        outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
+        _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)
+        raise
+    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, method,
+            acquisition.reason, request_id)
+    return resolved
+
+
+def record_failure(audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig, exc: BrokerError,
+                   request_id: str | None) -> None:
+    action = Action.CONNECT if isinstance(exc, NotConnected) else Action.ACQUIRE
+    _record(audit, clock, action, Outcome.FAILURE, user_id, server, _method(server), _reason(exc), request_id)
+
+
+def _record(audit: AuditSink, clock: Clock, action: Action, outcome: Outcome, user_id: str, server: ServerConfig,
+            method: str, reason: str | None, request_id: str | None) -> None:
+    try:
+        audit.record([AuditEvent(action=action, outcome=outcome, user_id=user_id, server=server.name,
+                                 method=method, reason=reason, request_id=request_id, ts=clock.now())])
+    except Exception as exc:  # noqa: BLE001 - an audit outage must not fail a resolve
+        log.warning("audit record failed: %s", type(exc).__name__)
+
+
+def _method(server: ServerConfig) -> str:
+    return "connect" if server.mode is Mode.OAUTH_CONNECT else server.mode.value
+
+
+def _reason(exc: BrokerError) -> str:
+    if isinstance(exc, UpstreamError) and exc.oauth_error:
+        return exc.oauth_error
+    if isinstance(exc, NotConnected):
+        return exc.reason
+    return exc.code
