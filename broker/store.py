@@ -247,6 +247,21 @@ class CredentialStore:
             )
 
     @_guarded
+    def touch_many(self, uses: list[tuple[str, str, datetime]]) -> None:
+        """Record many uses in one transaction (the beat flushes client use marks)."""
+        if not uses:
+            return
+        from sqlalchemy import bindparam
+
+        stmt = (
+            update(T)
+            .where(and_(T.c.user_id == bindparam("u"), T.c.server_key == bindparam("k")))
+            .values(last_used_at=bindparam("t"))
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, [{"u": u, "k": k, "t": t} for u, k, t in uses])
+
+    @_guarded
     def delete(self, user_id: str, server_key: str) -> bool:
         with self.engine.begin() as conn:
             result = conn.execute(delete(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key)))

@@ -1,0 +1,193 @@
+"""The OAuth port the resolver uses: mint, redeem, refresh, revoke, authorize URL.
+
+Composes the pure builders and parsers with one sender. The clock is read
+once per call, before the request, so expiries err early.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..clock import Clock, SystemClock
+from ..errors import ConfigError, NotConnected, UpstreamError
+from ..models import Credential, ObtainedVia
+from ..secret import Secret
+from ..servers import AuthBrokerConfig, Mode, ServerConfig
+from . import forms
+from .discovery import MetadataCache, resolve_endpoints
+from .forms import TokenRequest
+from .pkce import s256_challenge
+from .responses import parse_token_response
+from .sender import TokenEndpointSender
+
+__all__ = ["OAuthClient", "OnCall", "call_result"]
+
+log = logging.getLogger(__name__)
+
+# on_call(grant, result): grant is TokenRequest.grant ("token_exchange",
+# "entra_obo", "authorization_code", "refresh_token", "revocation"); result
+# is one of a bounded set (see call_result), safe as a metrics label.
+OnCall = Callable[[str, str], None]
+
+
+def call_result(error: UpstreamError | None) -> str:
+    """A bounded metrics label for one provider call's outcome.
+
+    ``success``; the allow-listed OAuth error code; else ``network``,
+    ``http_4xx`` or ``http_5xx``.
+    """
+    if error is None:
+        return "success"
+    if error.oauth_error:
+        return error.oauth_error
+    if error.status is None:
+        return "network"
+    return f"http_{error.status // 100}xx"
+
+
+class OAuthClient:
+    """Acquires, renews and revokes per-user credentials at authorization servers.
+
+    Every failure is an UpstreamError carrying only a status and an
+    allow-listed OAuth code; ``error.retryable`` tells the caller whether a
+    later attempt may succeed.
+    """
+
+    def __init__(
+        self,
+        sender: TokenEndpointSender,
+        metadata: MetadataCache | None = None,
+        clock: Clock | None = None,
+        *,
+        on_call: OnCall | None = None,
+    ) -> None:
+        self._sender = sender
+        # None still discovers (servers may name only an issuer), with a private cache.
+        self._metadata = metadata if metadata is not None else MetadataCache()
+        self._clock = clock or SystemClock()
+        self._on_call = on_call
+
+    def endpoints(self, server: ServerConfig) -> AuthBrokerConfig:
+        """The server's auth_broker config with discovered endpoints filled in."""
+        return resolve_endpoints(server.auth_broker, self._sender.get, self._metadata)
+
+    def _record(self, grant: str, error: UpstreamError | None) -> None:
+        if self._on_call is None:
+            return
+        try:
+            self._on_call(grant, call_result(error))
+        except Exception:  # metrics must never break a mint
+            log.exception("on_call hook failed grant=%s", grant)
+
+    def _send(self, req: TokenRequest) -> tuple[int, dict[str, str], bytes]:
+        try:
+            response = self._sender.send(req)
+        except UpstreamError as exc:
+            self._record(req.grant, exc)
+            raise
+        self._record(req.grant, None)
+        return response
+
+    def _token(
+        self, req: TokenRequest, *, obtained_via: ObtainedVia, scopes: tuple[str, ...],
+        audience: str | None,
+    ) -> Credential:
+        now = self._clock.now()
+        try:
+            status, headers, body = self._sender.send(req)
+            credential = parse_token_response(
+                status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
+                now=now, audience=audience,
+            )
+        except UpstreamError as exc:
+            self._record(req.grant, exc)
+            log.warning("token request failed host=%s grant=%s status=%s oauth_error=%s",
+                        req.host, req.grant, exc.status, exc.oauth_error)
+            raise
+        self._record(req.grant, None)
+        return credential
+
+    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
+        """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
+        cfg = self.endpoints(server)
+        if server.mode == Mode.TOKEN_EXCHANGE:
+            req, via = forms.token_exchange_request(cfg, subject_token), ObtainedVia.TOKEN_EXCHANGE
+        elif server.mode == Mode.ENTRA_OBO:
+            req, via = forms.obo_request(cfg, subject_token), ObtainedVia.ENTRA_OBO
+        else:
+            raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
+        return self._token(req, obtained_via=via, scopes=cfg.scopes, audience=cfg.audience or cfg.resource)
+
+    def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
+        """Exchange a connect-flow authorization code (with its PKCE verifier)."""
+        cfg = self.endpoints(server)
+        req = forms.authorization_code_request(cfg, code, verifier, redirect_uri)
+        return self._token(
+            req, obtained_via=ObtainedVia.CONNECT_FLOW, scopes=cfg.scopes,
+            audience=cfg.audience or cfg.resource,
+        )
+
+    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+        """Renew with the refresh-token grant.
+
+        A rotated refresh token replaces the old one; when the response has
+        none, the old one is kept (RFC 6749 §6 lets the server reuse it).
+        No refresh token at all raises NotConnected(reconnect_required)
+        without a connect URL; the resolver adds it.
+        """
+        if credential.refresh_token is None:
+            raise NotConnected(reason=NotConnected.RECONNECT_REQUIRED)
+        cfg = self.endpoints(server)
+        req = forms.refresh_request(cfg, credential.refresh_token)
+        # Without a scope parameter the server grants the original scopes.
+        scopes = cfg.scopes or credential.scopes
+        renewed = self._token(
+            req, obtained_via=credential.obtained_via, scopes=scopes,
+            audience=credential.audience or cfg.audience or cfg.resource,
+        )
+        if renewed.refresh_token is None:
+            renewed = renewed.with_changes(refresh_token=credential.refresh_token)
+        return renewed
+
+    def revoke(self, server: ServerConfig, credential: Credential) -> bool:
+        """Revoke the refresh token, then the access token (RFC 7009).
+
+        Returns False when no revocation endpoint is configured or discovered
+        (an issuer without one is looked up first),
+        or when the server supports revoking neither token type; True when
+        it accepted at least one. Any other failure raises UpstreamError,
+        after both tokens were tried, so a failed refresh-token revocation
+        still revokes the access token.
+        """
+        cfg = resolve_endpoints(
+            server.auth_broker, self._sender.get, self._metadata, also=("revocation_endpoint",)
+        )
+        if not cfg.revocation_endpoint:
+            return False
+        tokens = [(credential.refresh_token, "refresh_token"), (credential.access_token, "access_token")]
+        revoked = False
+        first_error: UpstreamError | None = None
+        for token, hint in tokens:
+            if token is None:
+                continue
+            req = forms.revocation_request(cfg, token, hint)
+            try:
+                self._send(req)
+            except UpstreamError as exc:
+                if exc.oauth_error == "unsupported_token_type":
+                    continue
+                log.warning("revocation failed host=%s hint=%s status=%s oauth_error=%s",
+                            req.host, hint, exc.status, exc.oauth_error)
+                first_error = first_error or exc
+            else:
+                revoked = True
+        if first_error is not None:
+            raise first_error
+        return revoked
+
+    def authorize_url(self, server: ServerConfig, state: str, verifier: str, redirect_uri: str) -> str:
+        """The consent URL for the connect flow, with the verifier's S256 challenge."""
+        cfg = self.endpoints(server)
+        return forms.authorize_url(cfg, state, s256_challenge(verifier), redirect_uri)
+

@@ -1,0 +1,200 @@
+"""The thin httpx sender: POST a TokenRequest, bounded body, bounded retries.
+
+Everything protocol-shaped lives in ``forms`` and ``responses``; this module
+only moves bytes. Logs carry the endpoint host, grant, status and attempt,
+never a form, a header value or a body.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import httpx
+
+from .. import __version__
+from ..errors import UpstreamError
+from ..settings import Settings
+from .backoff import retry_delay
+from .forms import TokenRequest
+from .responses import parse_error_response
+
+__all__ = ["TokenEndpointSender", "make_http_client", "MAX_BODY_BYTES", "USER_AGENT", "Response"]
+
+log = logging.getLogger(__name__)
+
+# Token and metadata responses are a few KiB; anything near this is hostile.
+MAX_BODY_BYTES = 1024 * 1024
+USER_AGENT = f"credential-broker/{__version__}"
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def make_http_client(settings: Settings, *, transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """The per-process httpx client for authorization servers.
+
+    Redirects are not followed: a token endpoint that redirects would make us
+    re-send credentials to a URL nobody configured.
+    """
+    return httpx.Client(
+        timeout=httpx.Timeout(
+            connect=settings.http_connect_timeout,
+            read=settings.http_read_timeout,
+            write=settings.http_read_timeout,
+            pool=settings.http_connect_timeout,
+        ),
+        follow_redirects=False,
+        # A worker process runs a handful of threads at most.
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0),
+        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        transport=transport,
+    )
+
+
+def _too_large(status: int) -> UpstreamError:
+    return UpstreamError("authorization server response too large", status=status)
+
+
+def _decoded(raw: Iterator[bytes], encoding: str, status: int) -> Iterator[bytes]:
+    """Yield the decoded body, never inflating more than the cap (gzip bombs)."""
+    if encoding in ("", "identity"):
+        yield from raw
+        return
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise UpstreamError("authorization server sent an unsupported content encoding", status=status)
+    try:
+        for chunk in raw:
+            out = inflater.decompress(chunk, MAX_BODY_BYTES + 1)
+            if inflater.unconsumed_tail:
+                raise _too_large(status)
+            yield out
+        yield inflater.flush()
+    except zlib.error:
+        raise UpstreamError("authorization server sent a corrupt body", status=status) from None
+
+
+def _read_capped(response: httpx.Response) -> bytes:
+    status = response.status_code
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise _too_large(status)
+    if response.is_stream_consumed:
+        # Built from bytes already in memory (a MockTransport response): httpx
+        # has decoded it; only the cap is left to apply.
+        if len(response.content) > MAX_BODY_BYTES:
+            raise _too_large(status)
+        return response.content
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    body = bytearray()
+    for chunk in _decoded(response.iter_raw(), encoding, status):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large(status)  # leaving the with-block closes the stream unread
+    return bytes(body)
+
+
+class TokenEndpointSender:
+    """Sends requests to authorization servers with bounded, jittered retries.
+
+    Retried: network errors, timeouts, 5xx, 408 and 429 (honouring
+    ``Retry-After``), within ``retry_seconds`` in total and ``max_attempts``.
+    Anything else is final at once.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        *,
+        retry_seconds: float,
+        max_attempts: int,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._http = http
+        self._retry_seconds = retry_seconds
+        self._max_attempts = max(1, max_attempts)
+        self._sleep = sleep
+        self._monotonic = monotonic
+        self._rand = rand
+
+    @classmethod
+    def from_settings(cls, settings: Settings, http: httpx.Client | None = None) -> TokenEndpointSender:
+        return cls(
+            http or make_http_client(settings),
+            retry_seconds=settings.provider_retry_seconds,
+            max_attempts=settings.provider_max_attempts,
+        )
+
+    def send(self, req: TokenRequest) -> Response:
+        """POST the form; return a 2xx ``(status, headers, body)`` or raise UpstreamError.
+
+        A non-2xx answer raises the secret-free error from
+        ``parse_error_response`` (status and allow-listed code only).
+        """
+        status, headers, body = self._with_retries(
+            lambda: self._once("POST", req.url, req.form, req.headers), req.host, req.grant
+        )
+        if not 200 <= status < 300:
+            raise parse_error_response(status, headers, body)
+        return status, headers, body
+
+    def get(self, url: str) -> Response:
+        """GET a document (discovery metadata); any non-retryable status is returned."""
+        host = urlsplit(url).hostname or ""
+        return self._with_retries(lambda: self._once("GET", url, None, {}), host, "discovery")
+
+    def _once(
+        self, method: str, url: str, form: Mapping[str, str] | None, headers: Mapping[str, str]
+    ) -> Response:
+        # identity: a token response is tiny, and compression only adds bomb risk.
+        all_headers = {"Accept-Encoding": "identity", **headers}
+        try:
+            with self._http.stream(method, url, data=form, headers=all_headers) as response:
+                body = _read_capped(response)
+                return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
+        except httpx.TimeoutException:
+            raise UpstreamError("authorization server timed out", retryable=True) from None
+        except httpx.UnsupportedProtocol:
+            raise UpstreamError("invalid authorization server URL") from None
+        except httpx.TransportError:
+            raise UpstreamError("could not reach authorization server", retryable=True) from None
+        except httpx.InvalidURL:
+            raise UpstreamError("invalid authorization server URL") from None
+
+    def _with_retries(self, call: Callable[[], Response], host: str, grant: str) -> Response:
+        start = self._monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, headers, body = call()
+            except UpstreamError as exc:
+                error = exc
+                outcome = "network"
+            else:
+                error = None if 200 <= status < 300 else parse_error_response(status, headers, body)
+                if error is None or not error.retryable:
+                    log.debug("authorization server host=%s grant=%s status=%s attempt=%d",
+                              host, grant, status, attempt)
+                    return status, headers, body
+                outcome = str(status)
+            delay = None
+            if attempt < self._max_attempts:
+                remaining = self._retry_seconds - (self._monotonic() - start)
+                delay = retry_delay(error, attempt, remaining, rand=self._rand)
+            if delay is None:
+                log.warning("authorization server host=%s grant=%s status=%s attempt=%d: giving up",
+                            host, grant, outcome, attempt)
+                raise error
+            log.info("authorization server host=%s grant=%s status=%s attempt=%d: retrying in %.2fs",
+                     host, grant, outcome, attempt, delay)
+            self._sleep(delay)
