@@ -125,18 +125,21 @@ class Resolver:
         result = self._acquire(user_id, server, self.clock.now())
         return Acquisition(result.credential, result.action, result.outcome, result.reason)
 
-    def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive") -> Acquisition | None:
+    def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive",
+                     lead: timedelta = timedelta(0)) -> Acquisition | None:
         """Proactive refresh: renew only if the refresh point has passed.
 
         Re-reads the store first, so a refresh another flight already made is
-        never repeated. No policy runs: nothing is handed to a caller.
+        never repeated. ``lead`` renews that much before the refresh point, so
+        the new credential is in place before any cached copy runs out. No
+        policy runs: nothing is handed to a caller.
         """
         server = self.servers.get_server(server_name)
         now = self.clock.now()
         stored = self.store.get(user_id, server.key)
         if stored is None or stored.status is CredentialStatus.NEEDS_RECONNECT:
             return None
-        if not self._due(stored.credential, now):
+        if not self._due(stored.credential, now + lead):
             return Acquisition(stored.credential, Action.INJECT)
         try:
             result = self._renew(user_id, server, stored, now)
@@ -159,14 +162,19 @@ class Resolver:
                     return _Outcome(cred, Action.INJECT, Outcome.STALE, "needs_reconnect")
                 if server.mode is Mode.OAUTH_CONNECT:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                return self._mint(user_id, server, now, stored)
+                return self._used(user_id, server, now, self._mint(user_id, server, now, stored))
             if not self._due(cred, now):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
-            return self._renew(user_id, server, stored, now)
+            return self._used(user_id, server, now, self._renew(user_id, server, stored, now))
         if server.mode is Mode.OAUTH_CONNECT:
             raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
-        return self._mint(user_id, server, now, None)
+        return self._used(user_id, server, now, self._mint(user_id, server, now, None))
+
+    def _used(self, user_id: str, server: ServerConfig, now: datetime, result: _Outcome) -> _Outcome:
+        # A caller used this credential: proactive refresh should keep it warm.
+        self.store.touch(user_id, server.key, now)
+        return result
 
     def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime) -> _Outcome:
         cred = stored.credential
@@ -189,8 +197,6 @@ class Resolver:
             if current is not None and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
             log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
-        else:
-            self._touch(written, now)
         return _Outcome(new, Action.REFRESH)
 
     def _renewal_failed(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
@@ -225,8 +231,6 @@ class Resolver:
             current = self.store.get(user_id, server.key)
             if current is not None and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.ACQUIRE, Outcome.SUCCESS, "minted_elsewhere")
-        else:
-            self._touch(written, now)
         return _Outcome(new, Action.ACQUIRE)
 
     # -- helpers -------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""``python -m broker.sandbox``: the sandbox provider as its own process.
+
+For the benchmark, the demo and Celery workers in other processes; prints
+the base URL as one line on stdout once it answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .server import serve_forever
+from .state import SandboxProvider
+
+__all__ = ["main"]
+
+
+def _client(text: str) -> tuple[str, str | None]:
+    client_id, sep, secret = text.partition(":")
+    if not client_id:
+        raise argparse.ArgumentTypeError("expected ID:SECRET, or ID for a public client")
+    return client_id, (secret if sep else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m broker.sandbox", description="Sandbox OAuth authorization server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900, help="0 picks a free port")
+    parser.add_argument("--access-token-ttl", type=int, default=3600, metavar="N")
+    parser.add_argument("--latency-ms", type=int, default=0, metavar="N", help="delay on every /token request")
+    parser.add_argument("--no-rotate", action="store_true", help="keep refresh tokens valid after use")
+    parser.add_argument("--clock-skew", type=int, default=0, metavar="N", help="seconds added to issued iat/exp")
+    parser.add_argument("--client", type=_client, action="append", metavar="ID[:SECRET]",
+                        help="register a client (repeatable); replaces the default clients")
+    parser.add_argument("--log-level", default="warning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    provider = SandboxProvider(
+        clients=dict(args.client) if args.client else None,
+        access_token_ttl=args.access_token_ttl,
+        rotate_refresh_tokens=not args.no_rotate,
+        clock_skew=args.clock_skew,
+        latency_ms={"token": args.latency_ms} if args.latency_ms > 0 else None,
+    )
+    try:
+        serve_forever(provider, args.host, args.port, announce=lambda url: print(url, flush=True),
+                      log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The sandbox provider's state: configuration, tokens, counters and faults.
+
+One object, guarded by one lock, shared by the HTTP app (its event-loop
+thread) and by tests calling the Python API from other threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import jwt
+from .faults import ENDPOINTS, FAULT_MODES, Fault
+from .store import TokenStore
+
+__all__ = ["SandboxProvider", "DEFAULT_CLIENTS", "GRANT_NAMES"]
+
+DEFAULT_CLIENTS: dict[str, str | None] = {
+    "broker-client": "sandbox-client-secret-s3cr3t",
+    "public-client": None,
+}
+GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
+_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients")
+# Fallback ``iss`` until the provider is served and knows its own URL.
+_UNSERVED_ISSUER = "urn:sandbox:unserved"
+
+
+class SandboxProvider:
+    """A fake authorization server's state; see ``broker.sandbox`` for the HTTP side."""
+
+    def __init__(
+        self,
+        *,
+        clients: dict[str, str | None] | None = None,
+        access_token_ttl: int = 3600,
+        rotate_refresh_tokens: bool = True,
+        clock_skew: int = 0,
+        issuer: str = "",
+        latency_ms: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.time,
+        max_recorded_requests: int = 10_000,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.issuer = issuer
+        self._key = secrets.token_bytes(32)
+        self._initial: dict[str, Any] = {
+            "clients": dict(DEFAULT_CLIENTS if clients is None else clients),
+            "access_token_ttl": access_token_ttl,
+            "rotate_refresh_tokens": rotate_refresh_tokens,
+            "clock_skew": clock_skew,
+        }
+        self._initial_latency = dict(latency_ms or {})
+        for endpoint in self._initial_latency:
+            _check_endpoint(endpoint)
+        self._max_recorded = max_recorded_requests
+        self.clients: dict[str, str | None] = {}
+        self.access_token_ttl = access_token_ttl
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.clock_skew = clock_skew
+        self.reset()
+
+    # -- configuration -----------------------------------------------------
+
+    def configure(self, **kwargs: Any) -> None:
+        """Change ``access_token_ttl``, ``rotate_refresh_tokens``, ``clock_skew`` or ``clients`` live."""
+        unknown = set(kwargs) - set(_CONFIGURABLE)
+        if unknown:
+            raise TypeError(f"not configurable: {', '.join(sorted(unknown))}")
+        with self.lock:
+            for name, value in kwargs.items():
+                if name == "clients":
+                    value = dict(value)
+                elif name == "rotate_refresh_tokens":
+                    value = bool(value)
+                else:
+                    value = int(value)
+                setattr(self, name, value)
+
+    def reset(self) -> None:
+        """Forget every token, count, request and fault; restore constructor settings and latency.
+
+        The signing key and issuer stay, so a served provider keeps its identity.
+        """
+        with self.lock:
+            for name, value in self._initial.items():
+                setattr(self, name, copy.deepcopy(value))
+            self.store = TokenStore()
+            self._faults: dict[str, Fault] = {}
+            self._latency_ms: dict[str, int] = {k: v for k, v in self._initial_latency.items() if v > 0}
+            self._requests: deque[dict[str, Any]] = deque(maxlen=self._max_recorded)
+            self._grants = dict.fromkeys(GRANT_NAMES, 0)
+            self._by_user: dict[str, dict[str, int]] = {}
+            self._errors: dict[str, int] = {}
+            self._revocations = 0
+            self._reuse_detected = 0
+            self._refresh_rotations = 0
+            self._faults_served = 0
+
+    # -- tokens ------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.clock()
+
+    def _issuer(self) -> str:
+        return self.issuer or _UNSERVED_ISSUER
+
+    def issue_subject_token(self, user_id: str, ttl: int = 3600) -> str:
+        """The user's IdP token, the subject of token exchange and OBO.
+
+        A negative ``ttl`` gives a token that is already expired.
+        """
+        now = int(self.now())
+        claims = {
+            "iss": self._issuer(),
+            "sub": user_id,
+            "aud": self._issuer(),
+            "iat": now,
+            "exp": now + int(ttl),
+            "jti": secrets.token_hex(16),
+            "token_use": "subject",
+        }
+        return jwt.encode(claims, self._key)
+
+    def mint_access_token(
+        self, *, sub: str, aud: list[str], scope: str, client_id: str, family_id: str | None = None
+    ) -> str:
+        """An upstream access token; ``clock_skew`` shifts its ``iat`` and ``exp``."""
+        with self.lock:
+            issued = int(self.now()) + self.clock_skew
+            claims: dict[str, Any] = {
+                "iss": self._issuer(),
+                "sub": sub,
+                "aud": aud[0] if len(aud) == 1 else aud,
+                "scope": scope,
+                "client_id": client_id,
+                "iat": issued,
+                "exp": issued + self.access_token_ttl,
+                "jti": secrets.token_hex(16),
+                "token_use": "access",
+            }
+            if family_id is not None:
+                self.store.families[family_id].access_jtis.add(claims["jti"])
+            return jwt.encode(claims, self._key)
+
+    def decode_token(self, token: str) -> dict[str, Any]:
+        """Claims of a JWT this provider signed; raises :class:`jwt.JWTError` otherwise."""
+        return jwt.decode(token, self._key)
+
+    # -- counters ----------------------------------------------------------
+
+    def count_grant(self, grant: str, sub: str) -> None:
+        with self.lock:
+            self._grants[grant] += 1
+            per_user = self._by_user.setdefault(sub, {})
+            per_user[grant] = per_user.get(grant, 0) + 1
+
+    def count_error(self, error: str) -> None:
+        with self.lock:
+            self._errors[error] = self._errors.get(error, 0) + 1
+
+    def count_revocation(self) -> None:
+        with self.lock:
+            self._revocations += 1
+
+    def count_reuse(self) -> None:
+        with self.lock:
+            self._reuse_detected += 1
+
+    def count_rotation(self) -> None:
+        with self.lock:
+            self._refresh_rotations += 1
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters, safe to keep and compare."""
+        with self.lock:
+            return {
+                "grants": dict(self._grants),
+                "by_user": copy.deepcopy(self._by_user),
+                "revocations": self._revocations,
+                "reuse_detected": self._reuse_detected,
+                "refresh_rotations": self._refresh_rotations,
+                "errors": dict(self._errors),
+                "faults_served": self._faults_served,
+            }
+
+    # -- request log -------------------------------------------------------
+
+    def record_request(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self._requests.append(entry)
+
+    def requests(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Recorded requests, oldest first, optionally for one endpoint only."""
+        with self.lock:
+            return [copy.deepcopy(r) for r in self._requests if endpoint is None or r["endpoint"] == endpoint]
+
+    # -- faults and latency ------------------------------------------------
+
+    def set_fault(
+        self,
+        endpoint: str,
+        mode: str | None,
+        count: int | None = None,
+        retry_after: int = 1,
+        hang_seconds: float = 30,
+    ) -> None:
+        """Arm ``mode`` for the next ``count`` requests (None: until cleared); mode None clears."""
+        _check_endpoint(endpoint)
+        with self.lock:
+            if mode is None:
+                self._faults.pop(endpoint, None)
+                return
+            if mode not in FAULT_MODES:
+                raise ValueError(f"unknown fault mode {mode!r}; one of {sorted(FAULT_MODES)}")
+            if count is not None and count <= 0:
+                self._faults.pop(endpoint, None)
+                return
+            self._faults[endpoint] = Fault(mode, count, int(retry_after), float(hang_seconds))
+
+    def faults(self) -> dict[str, dict[str, object]]:
+        with self.lock:
+            return {endpoint: fault.as_dict() for endpoint, fault in self._faults.items()}
+
+    def take_fault(self, endpoint: str) -> Fault | None:
+        """Consume one use of the endpoint's armed fault, if any."""
+        with self.lock:
+            fault = self._faults.get(endpoint)
+            if fault is None:
+                return None
+            if fault.remaining is not None:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    del self._faults[endpoint]
+            self._faults_served += 1
+            return copy.copy(fault)
+
+    def set_latency(self, endpoint: str, ms: int) -> None:
+        """Delay every request to ``endpoint`` by ``ms`` milliseconds (0 clears)."""
+        _check_endpoint(endpoint)
+        with self.lock:
+            if ms <= 0:
+                self._latency_ms.pop(endpoint, None)
+            else:
+                self._latency_ms[endpoint] = int(ms)
+
+    def latency_seconds(self, endpoint: str) -> float:
+        with self.lock:
+            return self._latency_ms.get(endpoint, 0) / 1000
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; one of {sorted(ENDPOINTS)}")

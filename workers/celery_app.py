@@ -1,0 +1,61 @@
+"""The Celery app: Redis as message broker and result backend, from settings.
+
+Late acks with prefetch 1, so a task whose worker dies is redelivered; a
+visibility timeout well above the task time limit, so a running task is never
+redelivered while it is still alive; short-lived JSON results.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+
+from broker.settings import Settings, load_settings
+
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
+
+TASK_RESOLVE = "broker.resolve"
+TASK_REFRESH = "broker.refresh"
+TASK_REFRESH_DUE = "broker.refresh_due"
+TASK_PERSIST_AUDIT = "broker.persist_audit"
+QUEUE = "credbroker"
+RESULT_EXPIRES_SECONDS = 300
+
+
+def make_celery(settings: Settings, *, main: bool = False) -> Celery:
+    """A Celery app for these settings (``main``: the worker's, with tasks)."""
+    app = Celery("credbroker", set_as_current=main)
+    limit = settings.task_time_limit
+    app.conf.update(
+        broker_url=settings.redis_url,
+        result_backend="workers.backend:FlightResultBackend+" + settings.redis_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=limit,
+        task_soft_time_limit=max(1.0, limit - 5),
+        broker_transport_options={"visibility_timeout": int(limit * 2 + 60)},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_expires=RESULT_EXPIRES_SECONDS,
+        task_default_queue=QUEUE,
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        beat_schedule={
+            "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
+            "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
+        },
+    )
+    if main:
+        app.conf.imports = ["workers.tasks"]
+    return app
+
+
+app = make_celery(load_settings(), main=True)

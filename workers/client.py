@@ -1,0 +1,214 @@
+"""BrokerClient: what upstream services call to get the header to inject.
+
+Fast path: one Redis GET of the sealed fresh credential, valid until its
+refresh point. Miss or near expiry: join or start the (user, server) flight
+and wait for its sealed result. Policy and audit run on every call, here, in
+the caller's process. Safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from broker.audit import Action
+from broker.clock import Clock, SystemClock
+from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
+from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
+from broker.policy import Policy, load_policy
+from broker.resolver import Acquisition, Resolved, finish, record_failure
+from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
+from broker.settings import Settings, load_settings
+from broker.validation import validate_server_name, validate_user_id
+
+from .auditstream import StreamAuditSink
+from .celery_app import TASK_RESOLVE, make_celery
+from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
+from .flight import Claims, ResultWaiter, new_task_id
+from .metrics import METRICS
+from .runtime import redis_client
+from .wire import from_envelope, open_envelope, result_purpose
+
+__all__ = ["BrokerClient", "Resolved"]
+
+log = logging.getLogger(__name__)
+_MAX_FLIGHT_RETRIES = 5
+
+
+class BrokerClient:
+    """Resolves per-user credentials through the broker's workers.
+
+    Reads the ``CREDBROKER_*`` settings; explicit arguments override them. A
+    gateway needs ``REDIS_URL``, ``SERVERS_FILE`` and ``TRANSPORT_KEY`` (or the
+    master keys, from which the transport key is derived) — never the
+    database.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        servers: ServerRegistry | None = None,
+        transport_key: str | bytes | None = None,
+        master_keys: str | None = None,
+        policy: Policy | str | None = None,
+        timeout: float | None = None,
+        settings: Settings | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        s = settings or load_settings(environ)
+        changes: dict[str, Any] = {}
+        if redis_url is not None:
+            changes["redis_url"] = redis_url
+        if transport_key is not None:
+            changes["transport_key"] = (
+                transport_key if isinstance(transport_key, bytes) else parse_key(transport_key, "transport_key")
+            )
+        if master_keys is not None:
+            changes["keyring"] = Keyring.from_mapping(parse_master_keys(master_keys, "master_keys"))
+        if timeout is not None:
+            changes["resolve_timeout"] = float(timeout)
+        self.settings = dataclasses.replace(s, **changes) if changes else s
+        self.servers = servers if servers is not None else servers_from_settings(self.settings)
+        self.sealer: Sealer | None = self.settings.sealer()
+        self.clock = clock or SystemClock()
+        self.policy: Policy = load_policy(policy) if isinstance(policy, str) or policy is None else policy
+        if policy is None and self.settings.policy:
+            self.policy = load_policy(self.settings.policy)
+        self.redis = redis_client(self.settings)
+        self.claims = Claims(self.redis)
+        self.celery = make_celery(self.settings)
+        self.waiter = ResultWaiter(self.redis, self._meta)
+        self.audit = StreamAuditSink(self.redis)
+        self._near = timedelta(seconds=self.settings.near_expiry_seconds)
+        self._fraction = self.settings.refresh_fraction
+
+    # -- public --------------------------------------------------------------
+
+    def resolve(self, user_id: str, server: str, timeout: float | None = None,
+                request_id: str | None = None) -> Resolved:
+        """The header to inject for (user, server) now; raises ``broker.errors``."""
+        started = time.perf_counter()
+        path = "fast"
+        try:
+            validate_user_id(user_id)
+            validate_server_name(server)
+            srv = self.servers.get_server(server)
+            if self.sealer is None:
+                raise StoreDisabled("no transport key: set CREDBROKER_TRANSPORT_KEY or CREDBROKER_MASTER_KEYS")
+            acq = self._from_cache(user_id, srv)
+            if acq is None:
+                path = "flight"
+                deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
+                acq = self._from_flight(user_id, srv, deadline, request_id)
+            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id,
+                              self._near, self._fraction)
+            self.audit.mark_used(user_id, srv.key)
+        except BrokerError as exc:
+            METRICS.inc("credbroker_resolves_total", outcome=exc.code, path=path)
+            raise
+        METRICS.inc("credbroker_resolves_total", outcome="ok", path=path)
+        METRICS.observe("credbroker_resolve_seconds", time.perf_counter() - started, path=path)
+        return resolved
+
+    def close(self) -> None:
+        self.waiter.close()
+        self.audit.close()
+        self.redis.close()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- fast path -------------------------------------------------------------
+
+    def _from_cache(self, user_id: str, server: ServerConfig) -> Acquisition | None:
+        assert self.sealer is not None
+        key = cache_key(user_id, server.key)
+        try:
+            blob = self.redis.get(key)
+        except redis.RedisError:
+            raise ServiceUnavailable("Redis unavailable") from None
+        if blob is None:
+            return None
+        try:
+            acq = from_envelope(open_envelope(self.sealer, blob, key), user_id, server.key)
+        except (DecryptError, ValueError, KeyError):
+            return None  # sealed under an older transport key, or corrupt: take the flight
+        if acq.credential.is_expired(self.clock.now()):
+            return None
+        return dataclasses.replace(acq, action=Action.INJECT)
+
+    # -- flight ------------------------------------------------------------------
+
+    def _meta(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(RESULT_CHANNEL_PREFIX + task_id)
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _from_flight(self, user_id: str, server: ServerConfig, deadline: float,
+                     request_id: str | None) -> Acquisition:
+        assert self.sealer is not None
+        key = flight_key(user_id, server.key)
+        claim_ms = int(self.settings.resolve_timeout * 1000) + 5000
+        failures = 0
+        try:
+            while True:
+                if time.monotonic() >= deadline:
+                    raise ResolveTimeout()
+                task_id = new_task_id()
+                if self.claims.claim(key, task_id, claim_ms):
+                    self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
+                    METRICS.inc("credbroker_flights_started_total")
+                else:
+                    holder = self.claims.holder(key)
+                    if holder is None:
+                        continue  # released between our SET and GET: try to claim again
+                    task_id = holder
+                    METRICS.inc("credbroker_flight_joins_total")
+                meta = self.waiter.wait(task_id, deadline, lambda t=task_id: self.claims.holder(key) == t)
+                if meta is None:
+                    if time.monotonic() >= deadline:
+                        raise ResolveTimeout()
+                    continue  # the flight vanished (worker lost): claim again
+                result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+                if not isinstance(result, dict) or result.get("superseded"):
+                    failures += 1
+                    self.claims.release(key, task_id)
+                    if failures > _MAX_FLIGHT_RETRIES:
+                        raise BrokerError("resolve flight failed repeatedly")
+                    continue
+                if "error" in result:
+                    if result.get("trigger") == "refresh" and failures == 0:
+                        failures += 1  # a background refresh failed; try a resolve of our own once
+                        continue
+                    exc = error_from_dict(result["error"])
+                    raise exc
+                env = open_envelope(self.sealer, result["ok"], result_purpose(task_id))
+                return from_envelope(env, user_id, server.key)
+        except BrokerError as exc:
+            record_failure(self.audit, self.clock, user_id, server, exc, request_id)
+            raise
+        except redis.RedisError:
+            exc2 = ServiceUnavailable("Redis unavailable")
+            record_failure(self.audit, self.clock, user_id, server, exc2, request_id)
+            raise exc2 from None
+        except (DecryptError, ValueError, KeyError):
+            exc3 = BrokerError("flight result could not be opened: check CREDBROKER_TRANSPORT_KEY matches the workers'")
+            record_failure(self.audit, self.clock, user_id, server, exc3, request_id)
+            raise exc3 from None

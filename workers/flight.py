@@ -1,0 +1,207 @@
+"""Cluster-wide single-flight per (user, server).
+
+The pair names a claim in Redis (``SET NX PX``) holding the random id of the
+one task in flight. Losers read that id and wait for its result; the claim is
+released by compare-and-delete once the result is stored; a waiter whose task
+failed or vanished (its claim expired without a result) claims again. A task
+verifies it holds the claim before doing any work and keeps it alive with a
+heartbeat, so a redelivered or superseded task never calls an authorization
+server alongside the live one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .constants import FLIGHT_HEARTBEAT_MS, RESULT_CHANNEL_PREFIX, TASK_ID_PREFIX
+
+__all__ = ["Claims", "FlightGuard", "ResultWaiter", "new_task_id"]
+
+log = logging.getLogger(__name__)
+
+_CAS_DELETE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_CAS_EXTEND = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+)
+# Take a free claim, or confirm we hold it; either way leave it with the given TTL.
+_ACQUIRE_OR_CONFIRM = (
+    "local cur = redis.call('get', KEYS[1]) "
+    "if cur == false then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end "
+    "if cur == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    "return 0"
+)
+_READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+def new_task_id() -> str:
+    return TASK_ID_PREFIX + uuid.uuid4().hex
+
+
+class Claims:
+    """The claim operations, as atomic Redis scripts."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._delete = client.register_script(_CAS_DELETE)
+        self._extend = client.register_script(_CAS_EXTEND)
+        self._confirm = client.register_script(_ACQUIRE_OR_CONFIRM)
+
+    def claim(self, key: str, task_id: str, ttl_ms: int) -> bool:
+        return bool(self.client.set(key, task_id, nx=True, px=ttl_ms))
+
+    def holder(self, key: str) -> str | None:
+        value = self.client.get(key)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def release(self, key: str, task_id: str) -> bool:
+        return bool(self._delete(keys=[key], args=[task_id]))
+
+    def extend(self, key: str, task_id: str, ttl_ms: int) -> bool:
+        return bool(self._extend(keys=[key], args=[task_id, ttl_ms]))
+
+    def acquire_or_confirm(self, key: str, task_id: str, ttl_ms: int) -> bool:
+        return bool(self._confirm(keys=[key], args=[task_id, ttl_ms]))
+
+
+class FlightGuard:
+    """Held by a running task: proves it owns the flight and keeps the claim alive."""
+
+    def __init__(self, claims: Claims, key: str, task_id: str, ttl_ms: int = FLIGHT_HEARTBEAT_MS) -> None:
+        self.claims = claims
+        self.key = key
+        self.task_id = task_id
+        self.ttl_ms = ttl_ms
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def enter(self) -> bool:
+        """True if this task holds the flight (a superseded redelivery does not)."""
+        if not self.claims.acquire_or_confirm(self.key, self.task_id, self.ttl_ms):
+            return False
+        self._thread = threading.Thread(target=self._beat, name="flight-heartbeat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        interval = self.ttl_ms / 3000.0
+        while not self._stop.wait(interval):
+            try:
+                if not self.claims.extend(self.key, self.task_id, self.ttl_ms):
+                    return
+            except redis.RedisError:
+                log.warning("flight heartbeat: Redis unavailable")
+
+    def exit(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+class ResultWaiter:
+    """Waits for flight results with one Redis subscription per process.
+
+    One listener thread pattern-subscribes to the result channels of flight
+    tasks and wakes the threads waiting on them; every wait also reads the
+    stored result directly, so a result published before the wait began is
+    never missed.
+    """
+
+    def __init__(self, client: redis.Redis, get_meta: Callable[[str], dict[str, Any] | None]) -> None:
+        self.client = client
+        self.get_meta = get_meta
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._subscribed = threading.Event()
+
+    def _ensure_listener(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._listen, name="credbroker-results", daemon=True)
+                self._thread.start()
+
+    def _listen(self) -> None:
+        pattern = RESULT_CHANNEL_PREFIX + TASK_ID_PREFIX + "*"
+        skip = len(RESULT_CHANNEL_PREFIX)
+        delay = 0.05
+        while not self._stopped.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.psubscribe(pattern)
+                self._subscribed.set()
+                self._wake_all()  # results may have landed while we were away
+                delay = 0.05
+                while not self._stopped.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if not msg or msg.get("type") != "pmessage":
+                        continue
+                    channel = msg["channel"]
+                    channel = channel.decode() if isinstance(channel, bytes) else channel
+                    try:
+                        status = json.loads(msg["data"]).get("status")
+                    except (ValueError, AttributeError):
+                        continue
+                    if status in _READY:
+                        self._wake(channel[skip:])
+            except redis.RedisError:
+                self._subscribed.clear()
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _wake(self, task_id: str) -> None:
+        with self._lock:
+            events = list(self._waiters.get(task_id, ()))
+        for ev in events:
+            ev.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            events = [ev for evs in self._waiters.values() for ev in evs]
+        for ev in events:
+            ev.set()
+
+    def wait(self, task_id: str, deadline: float, still_alive: Callable[[], bool], poll: float = 1.0) -> dict[str, Any] | None:
+        """The task's ready result meta, or None when the deadline passed or the
+        flight vanished (``still_alive`` turned False with no result)."""
+        self._ensure_listener()
+        ev = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(task_id, []).append(ev)
+        try:
+            while True:
+                meta = self.get_meta(task_id)
+                if meta is not None and meta.get("status") in _READY:
+                    return meta
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if ev.wait(min(remaining, poll)):
+                    ev.clear()
+                    continue
+                if not still_alive():
+                    meta = self.get_meta(task_id)
+                    return meta if meta is not None and meta.get("status") in _READY else None
+        finally:
+            with self._lock:
+                evs = self._waiters.get(task_id, [])
+                if ev in evs:
+                    evs.remove(ev)
+                if not evs:
+                    self._waiters.pop(task_id, None)
+
+    def close(self) -> None:
+        self._stopped.set()

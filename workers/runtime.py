@@ -1,0 +1,114 @@
+"""Per-process wiring: clients built once per process, rebuilt after a fork.
+
+A Celery prefork child must not reuse its parent's database or Redis
+sockets, so the runtime is keyed by pid and built lazily on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis
+
+from broker.clock import Clock, SystemClock
+from broker.connect import ConnectFlow
+from broker.crypto import Sealer
+from broker.db import make_engine
+from broker.oauth.client import OAuthClient
+from broker.oauth.discovery import MetadataCache
+from broker.oauth.sender import TokenEndpointSender
+from broker.policy import Policy, load_policy
+from broker.resolver import Resolver
+from broker.servers import ServerRegistry, servers_from_settings
+from broker.settings import Settings, load_settings
+from broker.state import RedisStateStore
+from broker.store import CredentialStore
+
+from .auditstream import StreamAuditSink
+from .flight import Claims
+
+__all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a worker process needs, built from one Settings."""
+
+    settings: Settings
+    servers: ServerRegistry
+    redis: redis.Redis
+    sealer: Sealer | None
+    claims: Claims
+    audit: StreamAuditSink
+    store: CredentialStore
+    oauth: OAuthClient
+    resolver: Resolver
+    connect: ConnectFlow | None
+    policy: Policy
+    clock: Clock
+
+    def close(self) -> None:
+        self.audit.close()
+        self.store.engine.dispose()
+        self.redis.close()
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=30, retry_on_timeout=True)
+
+
+def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
+    clock = clock or SystemClock()
+    servers = servers_from_settings(settings)
+    client = redis_client(settings)
+    sealer = settings.sealer()
+    near = timedelta(seconds=settings.near_expiry_seconds)
+    store = CredentialStore(make_engine(settings.database_url), settings.keyring, clock=clock,
+                            near_expiry=near, refresh_fraction=settings.refresh_fraction)
+    oauth = OAuthClient(TokenEndpointSender.from_settings(settings), MetadataCache(clock=clock), clock)
+    audit = StreamAuditSink(client)
+    connect = None
+    if sealer is not None:
+        connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, sealer), audit, clock,
+                              settings.callback_url, settings.state_ttl_seconds)
+    policy = load_policy(settings.policy)
+    resolver = Resolver(
+        servers, store, oauth, audit, clock, policy=policy,
+        connect_url=(lambda u, s: connect.start(u, s).connect_url) if connect else None,
+        near_expiry=near, refresh_fraction=settings.refresh_fraction,
+    )
+    return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
+                   policy, clock)
+
+
+_lock = threading.Lock()
+_current: tuple[int, Runtime] | None = None
+_settings: Settings | None = None
+
+
+def set_settings(settings: Settings | None) -> None:
+    """Use these settings instead of the environment (tests, embedded runs)."""
+    global _settings, _current
+    with _lock:
+        _settings = settings
+        _current = None
+
+
+def runtime() -> Runtime:
+    """This process's runtime, built on first use and after every fork."""
+    global _current
+    pid = os.getpid()
+    current = _current
+    if current is not None and current[0] == pid:
+        return current[1]
+    with _lock:
+        if _current is None or _current[0] != pid:
+            _current = (pid, build_runtime(_settings or load_settings()))
+        return _current[1]

@@ -1,0 +1,165 @@
+"""Celery tasks: thin shells that take ids, call one broker function, and turn
+domain errors into results. Arguments are user id and server name only;
+results are sealed envelopes or secret-free error dicts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery.signals import task_postrun, worker_process_init
+
+from broker.audit import Outcome, SqlAuditLog
+from broker.errors import BrokerError, NoCredential, StoreDisabled
+from broker.models import refresh_point
+from broker.resolver import Acquisition
+
+from .auditstream import persist_audit_batch, pop_used
+from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
+from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
+from .flight import FlightGuard, new_task_id
+from .runtime import Runtime, runtime
+from .wire import result_purpose, seal_envelope, to_envelope
+
+log = logging.getLogger(__name__)
+
+
+def refresh_lead(rt: Runtime) -> timedelta:
+    """How far ahead of the refresh point the beat renews: one scan, its
+    jitter and a margin, so the new credential lands before the cache expires."""
+    s = rt.settings
+    return timedelta(seconds=s.refresh_scan_seconds + s.refresh_jitter_seconds + 2)
+
+
+def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any], acq: Acquisition) -> None:
+    """Seal the fresh credential into the fast-path cache until its refresh point."""
+    assert rt.sealer is not None
+    cred = acq.credential
+    now = rt.clock.now()
+    if acq.outcome is Outcome.STALE:
+        end = now + timedelta(seconds=STALE_CACHE_SECONDS)
+        if cred.expires_at is not None:
+            end = min(end, cred.expires_at)
+    else:
+        point = refresh_point(cred.issued_at, cred.expires_at, rt.store.near_expiry, rt.store.refresh_fraction)
+        end = now + timedelta(seconds=CACHE_MAX_SECONDS) if point is None else min(point, now + timedelta(seconds=CACHE_MAX_SECONDS))
+    ttl_ms = int((end - now).total_seconds() * 1000)
+    if ttl_ms <= 0:
+        return
+    key = cache_key(user_id, server_key)
+    rt.redis.set(key, seal_envelope(rt.sealer, dict(env, act="inject", out="success", rsn=None), key), px=ttl_ms)
+
+
+def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, trigger: str) -> dict[str, Any]:
+    """The body of one flight: hold the claim, re-read the store, act, seal."""
+    try:
+        server = rt.servers.get_server(server_name)
+        if rt.sealer is None:
+            raise StoreDisabled()
+    except BrokerError as exc:
+        return {"error": exc.to_dict()}
+    guard = FlightGuard(rt.claims, flight_key(user_id, server.key), task_id)
+    if not guard.enter():
+        # A redelivered or superseded task: another flight owns the pair now.
+        return {"superseded": True}
+    try:
+        if trigger == "refresh":
+            acq = rt.resolver.renew_if_due(user_id, server_name, lead=refresh_lead(rt))
+            if acq is None:
+                return {"error": NoCredential("nothing to refresh").to_dict(), "trigger": "refresh"}
+        else:
+            acq = rt.resolver.acquire(user_id, server_name)
+        env = to_envelope(user_id, server.key, acq)
+        write_cache(rt, user_id, server.key, env, acq)
+        return {"ok": seal_envelope(rt.sealer, env, result_purpose(task_id)), "trigger": trigger}
+    except BrokerError as exc:
+        return {"error": exc.to_dict(), "trigger": trigger}
+    except Exception as exc:  # noqa: BLE001 - never let Celery store a traceback that might quote a value
+        log.error("flight for server %s failed: %s", server_name, type(exc).__name__)
+        return {"error": BrokerError().to_dict(), "trigger": trigger}
+    finally:
+        guard.exit()
+
+
+@app.task(name=TASK_RESOLVE, bind=True)
+def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
+    """Acquire or renew the credential for (user, server) as the pair's one flight."""
+    return execute_flight(runtime(), self.request.id, user_id, server, "resolve")
+
+
+@app.task(name=TASK_REFRESH, bind=True)
+def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
+    """Proactively renew (user, server) if it is due; joins the same flights."""
+    return execute_flight(runtime(), self.request.id, user_id, server, "refresh")
+
+
+@app.task(name=TASK_REFRESH_DUE)
+def refresh_due() -> dict[str, Any]:
+    """Beat: send every recently used credential entering its refresh window
+    through a flight, with jitter. One scan per interval cluster-wide."""
+    rt = runtime()
+    s = rt.settings
+    if not rt.redis.set(BEAT_LOCK, os.getpid(), nx=True, px=max(500, int(s.refresh_scan_seconds * 900))):
+        return {"skipped": "another scan holds the lock"}
+    if not rt.store.enabled:
+        return {"skipped": "store disabled"}
+    uses = pop_used(rt.redis)
+    rt.store.touch_many([(u, k, datetime.fromtimestamp(t, UTC)) for u, k, t in uses])
+    now = rt.clock.now()
+    lead = refresh_lead(rt)
+    due = rt.store.due(now + lead, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000)
+    sent = 0
+    for user_id, server_key in due:
+        server = rt.servers.by_key(server_key)
+        if server is None:
+            continue  # server removed or its URL changed: its credentials are not renewed
+        task_id = new_task_id()
+        delay = random.uniform(0, s.refresh_jitter_seconds)
+        ttl_ms = int((delay + s.resolve_timeout) * 1000)
+        if rt.claims.claim(flight_key(user_id, server_key), task_id, ttl_ms):
+            app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
+            sent += 1
+    if due:
+        log.info("refresh_due: %d due, %d flights sent, %d use marks", len(due), sent, len(uses))
+    return {"due": len(due), "sent": sent, "uses": len(uses)}
+
+
+@app.task(name=TASK_PERSIST_AUDIT)
+def persist_audit() -> dict[str, int]:
+    """Move audit events from the Redis stream to SQL in batches."""
+    rt = runtime()
+    sql = SqlAuditLog(rt.store.engine)
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    moved = 0
+    for _ in range(20):
+        n = persist_audit_batch(rt.redis, sql, consumer)
+        moved += n
+        if n < 1000:
+            break
+    return {"persisted": moved}
+
+
+@task_postrun.connect
+def _release_claim(sender: Any = None, task_id: str | None = None, args: Any = None, **_: Any) -> None:
+    """The result is stored: release the pair's claim if this task still holds it."""
+    if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH) or not task_id or not args:
+        return
+    try:
+        rt = runtime()
+        server = rt.servers.get(args[1])
+        if server is not None:
+            rt.claims.release(flight_key(args[0], server.key), task_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("claim release failed: %s", type(exc).__name__)
+
+
+@worker_process_init.connect
+def _warm(**_: Any) -> None:
+    try:
+        runtime()
+    except BrokerError as exc:
+        log.error("worker start-up: %s", exc.message)
