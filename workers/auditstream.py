@@ -68,7 +68,7 @@ class StreamAuditSink:
             self._stopped.wait(self.flush_seconds)
             try:
                 self.flush()
-            except redis.RedisError:
+            except (redis.RedisError, OSError, ValueError):
                 log.warning("audit stream: Redis unavailable; %d events buffered", len(self._events))
 
     def flush(self) -> int:
@@ -96,6 +96,9 @@ class StreamAuditSink:
 
     def close(self) -> None:
         self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
         try:
             self.flush()
         except redis.RedisError:

@@ -152,7 +152,8 @@ class ResultWaiter:
                         continue
                     if status in _READY:
                         self._wake(channel[skip:])
-            except redis.RedisError:
+            except (redis.RedisError, OSError, ValueError):
+                # Redis went away (or the client is closing): back off, resubscribe.
                 self._subscribed.clear()
                 self._stopped.wait(delay)
                 delay = min(delay * 2, 2.0)
@@ -205,3 +206,6 @@ class ResultWaiter:
 
     def close(self) -> None:
         self._stopped.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)

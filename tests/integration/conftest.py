@@ -1,0 +1,35 @@
+"""Integration fixtures: the sandbox provider on loopback and a broker cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from broker.sandbox import SandboxProvider, run_sandbox
+from tests.cluster import Cluster, redis_available
+from tests.conftest import REDIS_TEST_URL, missing_service
+
+
+@pytest.fixture
+def sandbox() -> Iterator:  # type: ignore[type-arg]
+    with run_sandbox(SandboxProvider()) as handle:
+        yield handle
+
+
+@pytest.fixture
+def redis_url() -> str:
+    if not redis_available(REDIS_TEST_URL):
+        missing_service("Redis at 127.0.0.1:6379")
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+def cluster(tmp_path, sandbox) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+    if not redis_available("redis://127.0.0.1:6379/0"):
+        missing_service("Redis at 127.0.0.1:6379")
+    c = Cluster(tmp_path, sandbox.url)
+    try:
+        yield c
+    finally:
+        c.stop()
