@@ -1,7 +1,7 @@
 """BrokerClient: what upstream services call to get the header to inject.
 
-Fast path: one Redis GET of the sealed fresh credential, valid until its
-refresh point. Miss or near expiry: join or start the (user, server) flight
+Fast path: one Redis GET of the sealed credential, cached until it is near
+expiry (the beat renews it from its refresh point on). Miss or near expiry: join or start the (user, server) flight
 and wait for its sealed result. Policy and audit run on every call, here, in
 the caller's process. Safe to share across threads.
 """
@@ -145,8 +145,9 @@ class BrokerClient:
             acq = from_envelope(open_envelope(self.sealer, blob, key), user_id, server.key)
         except (DecryptError, ValueError, KeyError):
             return None  # sealed under an older transport key, or corrupt: take the flight
-        if acq.credential.is_expired(self.clock.now()):
-            return None
+        cred = acq.credential
+        if cred.expires_at is not None and self.clock.now() >= cred.expires_at - self._near:
+            return None  # near expiry: take the flight, which renews
         return dataclasses.replace(acq, action=Action.INJECT)
 
     # -- flight ------------------------------------------------------------------

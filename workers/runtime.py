@@ -20,7 +20,8 @@ from broker.crypto import Sealer
 from broker.db import make_engine
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
-from broker.oauth.sender import TokenEndpointSender
+from broker.oauth.sender import TokenEndpointSender, make_http_client
+import httpx
 from broker.policy import Policy, load_policy
 from broker.resolver import Resolver
 from broker.servers import ServerRegistry, servers_from_settings
@@ -52,8 +53,10 @@ class Runtime:
     connect: ConnectFlow | None
     policy: Policy
     clock: Clock
+    http: httpx.Client
 
     def close(self) -> None:
+        self.http.close()
         self.audit.close()
         self.store.engine.dispose()
         self.redis.close()
@@ -72,7 +75,8 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     near = timedelta(seconds=settings.near_expiry_seconds)
     store = CredentialStore(make_engine(settings.database_url), settings.keyring, clock=clock,
                             near_expiry=near, refresh_fraction=settings.refresh_fraction)
-    oauth = OAuthClient(TokenEndpointSender.from_settings(settings), MetadataCache(clock=clock), clock)
+    http = make_http_client(settings)
+    oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock)
     audit = StreamAuditSink(client)
     connect = None
     if sealer is not None:
@@ -85,7 +89,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
     )
     return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
-                   policy, clock)
+                   policy, clock, http)
 
 
 _lock = threading.Lock()

@@ -15,7 +15,6 @@ from celery.signals import task_postrun, worker_process_init
 
 from broker.audit import Outcome, SqlAuditLog
 from broker.errors import BrokerError, NoCredential, StoreDisabled
-from broker.models import refresh_point
 from broker.resolver import Acquisition
 
 from .auditstream import persist_audit_batch, pop_used
@@ -28,15 +27,13 @@ from .wire import result_purpose, seal_envelope, to_envelope
 log = logging.getLogger(__name__)
 
 
-def refresh_lead(rt: Runtime) -> timedelta:
-    """How far ahead of the refresh point the beat renews: one scan, its
-    jitter and a margin, so the new credential lands before the cache expires."""
-    s = rt.settings
-    return timedelta(seconds=s.refresh_scan_seconds + s.refresh_jitter_seconds + 2)
-
-
 def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any], acq: Acquisition) -> None:
-    """Seal the fresh credential into the fast-path cache until its refresh point."""
+    """Seal the credential into the fast-path cache until it is near expiry.
+
+    The cached copy outlives the refresh point on purpose: between the refresh
+    point and near-expiry the beat renews it while callers keep being served
+    from the cache, so no caller waits on the provider.
+    """
     assert rt.sealer is not None
     cred = acq.credential
     now = rt.clock.now()
@@ -45,8 +42,8 @@ def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
         if cred.expires_at is not None:
             end = min(end, cred.expires_at)
     else:
-        point = refresh_point(cred.issued_at, cred.expires_at, rt.store.near_expiry, rt.store.refresh_fraction)
-        end = now + timedelta(seconds=CACHE_MAX_SECONDS) if point is None else min(point, now + timedelta(seconds=CACHE_MAX_SECONDS))
+        cap = now + timedelta(seconds=CACHE_MAX_SECONDS)
+        end = cap if cred.expires_at is None else min(cred.expires_at - rt.store.near_expiry, cap)
     ttl_ms = int((end - now).total_seconds() * 1000)
     if ttl_ms <= 0:
         return
@@ -68,7 +65,7 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
         return {"superseded": True}
     try:
         if trigger == "refresh":
-            acq = rt.resolver.renew_if_due(user_id, server_name, lead=refresh_lead(rt))
+            acq = rt.resolver.renew_if_due(user_id, server_name)
             if acq is None:
                 return {"error": NoCredential("nothing to refresh").to_dict(), "trigger": "refresh"}
         else:
@@ -110,8 +107,7 @@ def refresh_due() -> dict[str, Any]:
     uses = pop_used(rt.redis)
     rt.store.touch_many([(u, k, datetime.fromtimestamp(t, UTC)) for u, k, t in uses])
     now = rt.clock.now()
-    lead = refresh_lead(rt)
-    due = rt.store.due(now + lead, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000)
+    due = rt.store.due(now, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000)
     sent = 0
     for user_id, server_key in due:
         server = rt.servers.by_key(server_key)
