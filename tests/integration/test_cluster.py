@@ -23,6 +23,7 @@ from broker.db import make_engine
 from broker.errors import NotConnected, PolicyDenied, ResolveTimeout, StoreDisabled, SubjectTokenMissing, UnknownServer
 from broker.models import CredentialStatus, SubjectToken
 from broker.secret import Secret
+from broker.servers import server_key
 from broker.store import CredentialStore
 from tests.cluster import Cluster, wait_for
 from tests.secrets import assert_no_leak, register
@@ -136,7 +137,8 @@ def test_stale_if_error_through_the_cluster(tmp_path: Path, sandbox: Any) -> Non
             stale = client.resolve("alice", "tx", timeout=20)
             assert stale.value == first.value
             store = store_of(c)
-            rec = store.get("alice", c.settings and __import__("broker.servers").servers.server_key("tx", "https://tx.upstream.test/mcp"))
+            rec = store.get("alice", server_key("tx", "https://tx.upstream.test/mcp"))
+            store.engine.dispose()
             assert rec is not None and rec.status is CredentialStatus.DEGRADED
             sandbox.provider.set_fault("token", None)
             wait_for(lambda: client.resolve("alice", "tx", timeout=20).value != first.value, 15, 0.2,
@@ -218,5 +220,6 @@ def test_worker_killed_mid_flight(tmp_path: Path, sandbox: Any) -> None:
         rec = store.list("dave")
         assert len(rec) == 1 and rec[0].status is CredentialStatus.CONNECTED
         assert "Bearer " + rec[0].credential.access_token.reveal() == after.value.reveal()
+        store.engine.dispose()
     finally:
         c.stop()
