@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from broker.clock import FakeClock
 from broker.crypto import Keyring
+from broker.errors import BrokerError
 from broker.db import make_engine
 from broker.migrate import upgrade
 from tests.secrets import find_leaks
@@ -105,9 +106,23 @@ class _Collector(logging.Handler):
             self.lines.append(repr(record.__dict__))
 
 
+_ERROR_MESSAGES: list[str] = []
+_original_init = BrokerError.__init__
+
+
+def _recording_init(self: BrokerError, *args: object, **kwargs: object) -> None:
+    _original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+    _ERROR_MESSAGES.append(f"{self!s} {self.to_dict()!r}")
+
+
+BrokerError.__init__ = _recording_init  # type: ignore[method-assign]
+
+
 @pytest.fixture(autouse=True)
 def secret_guard() -> Iterator[_Collector]:
-    """Every log line of every test, at DEBUG, must hold no registered test secret."""
+    """Every log line and every BrokerError message of every test, at DEBUG,
+    must hold no registered test secret."""
+    _ERROR_MESSAGES.clear()
     collector = _Collector()
     collector.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -121,3 +136,5 @@ def secret_guard() -> Iterator[_Collector]:
         root.setLevel(old_level)
     leaks = find_leaks("\n".join(collector.lines))
     assert not leaks, f"{len(leaks)} test secret(s) appeared in log output"
+    leaks = find_leaks("\n".join(_ERROR_MESSAGES))
+    assert not leaks, f"{len(leaks)} test secret(s) appeared in an error message"

@@ -174,6 +174,16 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
         for u in users:
             n = stats["by_user"][u].get("token_exchange", 0)
             assert 3 <= n <= max_per_user, (u, n)
+        # audit left the request path through the stream and reached SQL via the workers
+        from broker.audit import SqlAuditLog
+
+        engine = make_engine(pg_url)
+        audit = SqlAuditLog(engine)
+        wait_for(lambda: any(e["action"] == "refresh" and e["outcome"] == "success"
+                             for e in audit.query(user_id="rita", limit=1000)), 15, 0.2, what="refresh audit rows")
+        injects = [e for e in audit.query(user_id="user-00", limit=1000) if e["action"] == "inject"]
+        assert injects and all(e["outcome"] == "success" and e["method"] == "token_exchange" for e in injects)
+        engine.dispose()
         # Flower requires auth and shows no secret
         wait_for(lambda: _flower_up(flower_port), 30, 0.2, what="flower")
         assert httpx.get(f"http://127.0.0.1:{flower_port}/api/tasks").status_code == 401

@@ -19,3 +19,15 @@ def test_secret_equality_and_pickling() -> None:
     assert Secret("abc") != Secret("abd")
     with pytest.raises(TypeError):
         pickle.dumps(Secret("abc"))
+
+
+def test_the_guard_sees_error_messages() -> None:
+    """The autouse guard records every BrokerError message; prove it would catch a leak."""
+    from broker.errors import UpstreamError
+    from tests.conftest import _ERROR_MESSAGES
+    from tests.secrets import find_leaks
+
+    leaked = canary("guard-probe")
+    UpstreamError(f"oops {leaked}")
+    assert find_leaks("\n".join(_ERROR_MESSAGES)) == [leaked]
+    _ERROR_MESSAGES.clear()  # this one was on purpose
