@@ -64,10 +64,11 @@ class Cluster:
     """Processes and settings of one test cluster; ``stop()`` ends them all."""
 
     def __init__(self, workdir: Path, sandbox_url: str, *, database_url: str | None = None,
-                 servers: list[dict[str, Any]] | None = None, extra_env: dict[str, str] | None = None) -> None:
+                 servers: list[dict[str, Any]] | None = None, extra_env: dict[str, str] | None = None,
+                 redis_url: str | None = None) -> None:
         self.workdir = workdir
         self.sandbox_url = sandbox_url
-        self.redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+        self.redis_url = redis_url or f"redis://127.0.0.1:6379/{REDIS_DB}"
         self.redis = redis.Redis.from_url(self.redis_url)
         self.redis.flushdb()
         servers_file = workdir / "servers.yaml"

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from broker.audit import Action
 from broker.clock import Clock, SystemClock
@@ -205,7 +206,7 @@ class BrokerClient:
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
-        except redis.RedisError:
+        except (redis.RedisError, KombuOperationalError, OSError):
             exc2 = ServiceUnavailable("Redis unavailable")
             record_failure(self.audit, self.clock, user_id, server, exc2, request_id)
             raise exc2 from None

@@ -33,3 +33,19 @@ def cluster(tmp_path, sandbox) -> Iterator[Cluster]:  # type: ignore[no-untyped-
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> str:
+    """The session's PostgreSQL test database, emptied."""
+    from sqlalchemy import text
+
+    from broker.db import make_engine
+
+    if not pg_database:
+        missing_service("PostgreSQL at 127.0.0.1:5432")
+    eng = make_engine(pg_database)
+    with eng.begin() as conn:
+        conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events RESTART IDENTITY"))
+    eng.dispose()
+    return pg_database

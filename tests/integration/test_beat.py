@@ -22,7 +22,6 @@ from broker.models import CredentialStatus
 from broker.servers import server_key
 from broker.store import CredentialStore
 from tests.cluster import Cluster, wait_for
-from tests.conftest import missing_service
 from tests.integration.test_cluster import connect, sign_in, store_of
 from tests.secrets import all_canaries, find_leaks, register
 from workers.metrics import METRICS
@@ -88,17 +87,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def pg_url(pg_database: str) -> str:
-    if not pg_database:
-        missing_service("PostgreSQL at 127.0.0.1:5432")
-    eng = make_engine(pg_database)
-    with eng.begin() as conn:
-        conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events RESTART IDENTITY"))
-    eng.dispose()
-    return pg_database
 
 
 def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, sandbox: Any, pg_url: str) -> None:
