@@ -166,9 +166,14 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         raise OAuthError("invalid_grant", "refresh token revoked")
     rotation = provider.rotate_refresh_tokens
     if rotation and record.used:
-        store.revoke_family(family.family_id)
-        provider.count_reuse()
-        raise OAuthError("invalid_grant", "refresh token reuse detected; token family revoked")
+        # Auth0's "reuse interval" / Okta's grace period: a client that lost the
+        # response to a rotation may present the old token again, briefly.
+        if provider.clock() - record.used_at <= provider.refresh_reuse_grace:
+            provider.count_grace_reuse()
+        else:
+            store.revoke_family(family.family_id)
+            provider.count_reuse()
+            raise OAuthError("invalid_grant", "refresh token reuse detected; token family revoked")
     scope = family.scope
     if form.get("scope"):
         requested = str(form["scope"])
@@ -180,7 +185,9 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
     )
     body = _bearer(provider, token, scope)
     if rotation:
-        record.used = True
+        if not record.used:
+            record.used = True
+            record.used_at = provider.clock()
         body["refresh_token"] = store.new_refresh(family).token
         provider.count_rotation()
     provider.count_grant("refresh_token", family.sub)

@@ -25,7 +25,7 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
     "public-client": None,
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
-_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients")
+_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -40,6 +40,7 @@ class SandboxProvider:
         access_token_ttl: int = 3600,
         rotate_refresh_tokens: bool = True,
         clock_skew: int = 0,
+        refresh_reuse_grace: float = 0.0,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -54,6 +55,7 @@ class SandboxProvider:
             "access_token_ttl": access_token_ttl,
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "clock_skew": clock_skew,
+            "refresh_reuse_grace": refresh_reuse_grace,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -63,6 +65,7 @@ class SandboxProvider:
         self.access_token_ttl = access_token_ttl
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.clock_skew = clock_skew
+        self.refresh_reuse_grace = refresh_reuse_grace
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -99,6 +102,7 @@ class SandboxProvider:
             self._errors: dict[str, int] = {}
             self._revocations = 0
             self._reuse_detected = 0
+            self._grace_reuses = 0
             self._refresh_rotations = 0
             self._faults_served = 0
 
@@ -172,6 +176,10 @@ class SandboxProvider:
         with self.lock:
             self._reuse_detected += 1
 
+    def count_grace_reuse(self) -> None:
+        with self.lock:
+            self._grace_reuses += 1
+
     def count_rotation(self) -> None:
         with self.lock:
             self._refresh_rotations += 1
@@ -184,6 +192,7 @@ class SandboxProvider:
                 "by_user": copy.deepcopy(self._by_user),
                 "revocations": self._revocations,
                 "reuse_detected": self._reuse_detected,
+                "grace_reuses": self._grace_reuses,
                 "refresh_rotations": self._refresh_rotations,
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,

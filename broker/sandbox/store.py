@@ -55,6 +55,7 @@ class RefreshRecord:
     token: str
     family_id: str
     used: bool = False
+    used_at: float = 0.0
 
 
 @dataclass
