@@ -179,6 +179,7 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
                              for e in audit.query(user_id="rita", limit=1000)), 15, 0.2, what="refresh audit rows")
         injects = [e for e in audit.query(user_id="user-00", limit=1000) if e["action"] == "inject"]
         assert injects and all(e["outcome"] == "success" and e["method"] == "token_exchange" for e in injects)
+        audit_rows = repr(audit.query(limit=10000))
         engine.dispose()
         # Flower requires auth and shows no secret
         wait_for(lambda: _flower_up(flower_port), 30, 0.2, what="flower")
@@ -198,6 +199,7 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
     assert find_leaks("\n".join(monitor.lines)) == [], "a token crossed the wire to Redis in plaintext"
     assert find_leaks(c.all_logs()) == [], "a token appeared in worker, beat or flower logs"
     assert find_leaks(flower_text) == [], "a token appeared in Flower"
+    assert find_leaks(audit_rows) == [], "a token appeared in an audit row"
 
 
 def _flower_up(port: int) -> bool:
