@@ -46,7 +46,7 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str:
         # Pickling would copy the plaintext into a message; refuse loudly.
         raise TypeError("a Secret cannot be pickled")
 

@@ -9,6 +9,7 @@ overwrite a newer credential.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import logging
@@ -275,7 +276,7 @@ class CredentialStore:
         return [s for s in (self._row_to_stored(r) for r in rows) if s is not None]
 
     @_guarded
-    def due(self, now: datetime, used_since: datetime, limit: int = 1000) -> list[tuple[str, str]]:
+    def due(self, now: datetime, used_since: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
         """(user_id, server_key) pairs whose refresh point has passed and that were
         used recently; an indexed range scan on ``refresh_at``, so the cost grows
         with the number due, not the number stored."""
