@@ -7,7 +7,6 @@ a document served from the right URL but for another server is refused.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import threading
@@ -16,6 +15,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 from ..clock import Clock, SystemClock
+from ..server_config import is_loopback
 from ..errors import ConfigError, UpstreamError
 from ..servers import AuthBrokerConfig, Mode
 
@@ -49,12 +49,7 @@ def is_allowed_endpoint(url: str) -> bool:
         return True
     if parts.scheme != "http":
         return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def metadata_urls(issuer: str) -> tuple[str, str]:
