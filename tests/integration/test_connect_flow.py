@@ -1,0 +1,471 @@
+"""The connect flow end to end: Redis state, the sandbox's consent page, a real store.
+
+start -> the user's browser at the provider's /authorize -> the 302 back to
+our callback -> code redeemed with the bound PKCE verifier -> stored for the
+user who started the flow, and nobody else. Then disconnect revokes upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import Engine
+
+from broker.audit import Action, MemoryAuditSink, Outcome
+from broker.clock import FakeClock
+from broker.connect import ConnectError, ConnectFlow, ConnectResult
+from broker.crypto import Sealer
+from broker.db import make_engine
+from broker.errors import InvalidRequest, NotConnected, UpstreamError
+from broker.migrate import upgrade
+from broker.models import CredentialStatus, ObtainedVia
+from broker.oauth import (
+    MetadataCache,
+    OAuthClient,
+    TokenEndpointSender,
+    make_http_client,
+)
+from broker.resolver import Resolver
+from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox, s256
+from broker.servers import ServerRegistry, parse_servers
+from broker.settings import Settings
+from broker.state import STATE_PREFIX, RedisStateStore
+from broker.store import CredentialStore
+from tests.conftest import make_keyring
+from tests.secrets import canary, register
+
+pytestmark = pytest.mark.integration
+
+CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
+
+
+class RegisteringProvider(SandboxProvider):
+    """The sandbox provider, registering every token it issues with the secret guard."""
+
+    def mint_access_token(self, **kwargs: Any) -> str:
+        return register(super().mint_access_token(**kwargs))
+
+
+@pytest.fixture
+def client_secret() -> str:
+    return canary("client-secret")
+
+
+@pytest.fixture
+def sandbox(client_secret: str) -> Iterator[SandboxHandle]:
+    provider = RegisteringProvider(clients={"broker-client": client_secret, "public-client": None})
+    with run_sandbox(provider) as handle:
+        yield handle
+    with provider.lock:
+        for token in [*provider.store.refresh, *provider.store.codes]:
+            register(token)
+
+
+def registry(sandbox_url: str, client_secret: str, gh_url: str = "https://gh.upstream.test/mcp") -> ServerRegistry:
+    base = {"token_endpoint": f"{sandbox_url}/token", "authorization_endpoint": f"{sandbox_url}/authorize",
+            "scopes": ["repo"]}
+    return parse_servers({"servers": [
+        {"name": "gh", "url": gh_url,
+         "auth_broker": {"mode": "oauth_connect", **base, "revocation_endpoint": f"{sandbox_url}/revoke",
+                         "client_id": "broker-client", "client_secret": client_secret}},
+        {"name": "gh-public", "url": "https://public.upstream.test/mcp",
+         "auth_broker": {"mode": "oauth_connect", **base, "client_id": "public-client"}},
+        {"name": "tx", "url": "https://tx.upstream.test/mcp",
+         "auth_broker": {"mode": "token_exchange", "token_endpoint": f"{sandbox_url}/token",
+                         "client_id": "broker-client", "client_secret": client_secret}},
+    ]})
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    client = make_http_client(Settings(http_read_timeout=5.0))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def oauth(http: httpx.Client, clock: FakeClock) -> OAuthClient:
+    return OAuthClient(TokenEndpointSender(http, retry_seconds=2, max_attempts=2), MetadataCache(), clock)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Iterator[CredentialStore]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade(engine)
+    yield CredentialStore(engine, make_keyring("A"), clock=clock)
+    engine.dispose()
+
+
+@pytest.fixture
+def audit() -> MemoryAuditSink:
+    return MemoryAuditSink()
+
+
+def make_flow(sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
+              redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock,
+              servers: ServerRegistry | None = None) -> ConnectFlow:
+    states = RedisStateStore(redis_client, Sealer(os.urandom(32)))
+    return ConnectFlow(servers or registry(sandbox.url, client_secret), store, oauth, states, audit, clock,
+                       CALLBACK_URL, ttl_seconds=600)
+
+
+@pytest.fixture
+def flow(sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
+         redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock) -> ConnectFlow:
+    return make_flow(sandbox, client_secret, store, oauth, redis_client, audit, clock)
+
+
+def browser(connect_url: str, consent: str = "approve", user: str = "sandbox-user") -> dict[str, str]:
+    """The user's browser: open the consent URL, answer, return the redirect's query.
+
+    Plain http.client: httpcore's debug log would print the code from the
+    Location header, which the secret guard rightly refuses.
+    """
+    parts = urlsplit(f"{connect_url}&consent={consent}&user={user}")
+    conn = HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=5)
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}")
+        response = conn.getresponse()
+        response.read()
+        location = response.getheader("Location") or ""
+    finally:
+        conn.close()
+    assert response.status == 302, response.status
+    assert location.startswith(CALLBACK_URL + "?")
+    query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+    if "code" in query:
+        register(query["code"])
+    return query
+
+
+def connect(flow: ConnectFlow, user: str, server: str = "gh") -> ConnectResult:
+    query = browser(flow.start(user, server).connect_url, user=f"{user}-upstream")
+    return flow.callback(query["state"], code=query.get("code"), error=query.get("error"))
+
+
+def token_grants(sandbox: SandboxHandle, grant: str = "authorization_code") -> list[dict[str, Any]]:
+    return [r for r in sandbox.provider.requests("token") if r["grant_type"] == grant]
+
+
+# -- the happy path -----------------------------------------------------------------------------
+
+
+def test_connect_end_to_end_stores_for_that_user_only(sandbox: SandboxHandle, client_secret: str,
+                                                      engine: Engine, oauth: OAuthClient,
+                                                      redis_client: redis.Redis, audit: MemoryAuditSink,
+                                                      clock: FakeClock) -> None:
+    store = CredentialStore(engine, make_keyring("A"), clock=clock)  # SQLite and PostgreSQL
+    flow = make_flow(sandbox, client_secret, store, oauth, redis_client, audit, clock)
+    server = flow.servers["gh"]
+
+    start = flow.start("alice", "gh")
+
+    assert (start.expires_at - clock.now()).total_seconds() == 600
+    parts = urlsplit(start.connect_url)
+    params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == f"{sandbox.url}/authorize"
+    assert params["response_type"] == "code" and params["client_id"] == "broker-client"
+    assert params["redirect_uri"] == CALLBACK_URL and params["scope"] == "repo"
+    assert params["code_challenge_method"] == "S256" and len(params["state"]) >= 43  # >= 256 bits
+    # In Redis under a hash of the state, sealed, with the flow's TTL.
+    state_key = STATE_PREFIX + hashlib.sha256(params["state"].encode()).hexdigest()
+    sealed = redis_client.get(state_key)
+    assert sealed is not None and 590 < redis_client.ttl(state_key) <= 600
+    assert b"alice" not in sealed and server.key.encode() not in sealed
+
+    query = browser(start.connect_url, user="alice-upstream")
+    assert query["state"] == params["state"]
+    result = flow.callback(query["state"], code=query["code"])
+
+    assert result == ConnectResult("alice", "gh")
+    (redeem,) = token_grants(sandbox)
+    assert redeem["client_auth"] == "client_secret_post"
+    assert redeem["form"]["code"] == query["code"] and redeem["form"]["redirect_uri"] == CALLBACK_URL
+    assert s256(redeem["form"]["code_verifier"]) == params["code_challenge"]
+    assert redeem["form"]["client_secret"] == client_secret
+    stored = store.get("alice", server.key)
+    assert stored is not None and stored.status is CredentialStatus.CONNECTED
+    cred = stored.credential
+    assert cred.obtained_via is ObtainedVia.CONNECT_FLOW and cred.refresh_token is not None
+    assert sandbox.provider.decode_token(cred.access_token.reveal())["sub"] == "alice-upstream"
+    assert [s.server_key for s in store.list("alice")] == [server.key]
+    assert store.get("bob", server.key) is None and store.list("bob") == []
+    assert [(e.action, e.outcome, e.user_id) for e in audit.events] == [(Action.CONNECT, Outcome.SUCCESS, "alice")]
+    with pytest.raises(ConnectError) as replay:  # the state was single use
+        flow.callback(query["state"], code=query["code"])
+    assert replay.value.reason == "invalid_state"
+    assert len(token_grants(sandbox)) == 1
+    assert redis_client.exists(state_key) == 0
+
+
+def test_resolver_hands_out_connect_url_then_serves_the_connected_credential(
+        flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore, oauth: OAuthClient,
+        audit: MemoryAuditSink, clock: FakeClock) -> None:
+    resolver = Resolver(flow.servers, store, oauth, audit, clock,
+                        connect_url=lambda user, server: flow.start(user, server).connect_url)
+
+    with pytest.raises(NotConnected) as info:
+        resolver.resolve("alice", "gh")
+    assert info.value.reason == NotConnected.NEVER_CONNECTED and info.value.connect_url
+
+    query = browser(info.value.connect_url, user="alice-upstream")
+    flow.callback(query["state"], code=query["code"])
+    resolved = resolver.resolve("alice", "gh")
+
+    stored = store.get("alice", flow.servers["gh"].key)
+    assert stored is not None
+    assert resolved.value.reveal() == f"Bearer {stored.credential.access_token.reveal()}"
+    assert resolved.obtained_via == "connect_flow"
+    with pytest.raises(NotConnected):
+        resolver.resolve("bob", "gh")
+
+
+def test_public_client_connects_with_pkce_and_no_secret(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                        store: CredentialStore) -> None:
+    result = connect(flow, "alice", "gh-public")
+
+    assert result == ConnectResult("alice", "gh-public")
+    (redeem,) = token_grants(sandbox)
+    assert redeem["client_auth"] == "none" and redeem["client_id"] == "public-client"
+    assert set(redeem["form"]) == {"grant_type", "code", "redirect_uri", "code_verifier", "client_id"}
+    stored = store.get("alice", flow.servers["gh-public"].key)
+    assert stored is not None and stored.credential.refresh_token is not None
+
+
+def test_issuer_only_server_connects_and_disconnects_through_discovery(
+        sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
+        redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock) -> None:
+    servers = parse_servers({"servers": [{"name": "gh", "url": "https://gh.upstream.test/mcp", "auth_broker": {
+        "mode": "oauth_connect", "issuer": sandbox.url, "client_id": "broker-client",
+        "client_secret": client_secret}}]})
+    flow = make_flow(sandbox, client_secret, store, oauth, redis_client, audit, clock, servers)
+
+    assert connect(flow, "alice") == ConnectResult("alice", "gh")
+    assert flow.disconnect("alice", "gh") is True
+
+    assert sandbox.provider.requests("metadata")
+    assert [r["grant_type"] for r in sandbox.provider.requests("token")] == ["authorization_code"]
+    assert sandbox.provider.stats()["revocations"] == 2
+    assert store.list("alice") == []
+
+
+def test_start_refuses_a_server_that_does_not_use_the_connect_flow(flow: ConnectFlow) -> None:
+    with pytest.raises(InvalidRequest):
+        flow.start("alice", "tx")
+
+
+# -- state: single use, expiry, binding -------------------------------------------------------
+
+
+def race(n: int, call: Callable[[], object]) -> list[object]:
+    """Run ``call`` in ``n`` threads released together; their results or ConnectErrors."""
+    barrier = threading.Barrier(n)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(call())
+        except ConnectError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outcomes
+
+
+def test_two_concurrent_callbacks_with_one_state_exactly_one_wins(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                                  store: CredentialStore) -> None:
+    for round_ in range(3):
+        user = f"user{round_}"
+        query = browser(flow.start(user, "gh").connect_url, user=user)
+
+        outcomes = race(2, lambda: flow.callback(query["state"], code=query["code"]))  # noqa: B023
+
+        wins = [o for o in outcomes if isinstance(o, ConnectResult)]
+        losses = [o for o in outcomes if isinstance(o, ConnectError)]
+        assert wins == [ConnectResult(user, "gh")]
+        assert [e.reason for e in losses] == ["invalid_state"]
+        assert store.get(user, flow.servers["gh"].key) is not None
+    assert len(token_grants(sandbox)) == 3  # the loser never reached the provider
+
+
+def test_expired_state_is_refused_and_stores_nothing(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                     store: CredentialStore, audit: MemoryAuditSink,
+                                                     clock: FakeClock) -> None:
+    start = flow.start("alice", "gh")
+    query = browser(start.connect_url, user="alice")
+    clock.advance(601)
+
+    with pytest.raises(ConnectError) as info:
+        flow.callback(query["state"], code=query["code"])
+
+    assert info.value.reason == "expired_state"
+    assert token_grants(sandbox) == []
+    assert store.list("alice") == []
+    assert (audit.events[-1].outcome, audit.events[-1].reason) == (Outcome.FAILURE, "expired_state")
+    with pytest.raises(ConnectError) as again:  # consumed, even though it had expired
+        flow.callback(query["state"], code=query["code"])
+    assert again.value.reason == "invalid_state"
+
+
+def test_state_just_inside_its_ttl_still_completes(flow: ConnectFlow, store: CredentialStore,
+                                                   clock: FakeClock) -> None:
+    query = browser(flow.start("alice", "gh").connect_url, user="alice")
+    clock.advance(599)
+
+    assert flow.callback(query["state"], code=query["code"]) == ConnectResult("alice", "gh")
+    assert store.get("alice", flow.servers["gh"].key) is not None
+
+
+@pytest.mark.parametrize("state", ["", None, "not-a-state-we-issued", "x" * 600])
+def test_unknown_or_missing_state_is_refused(flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore,
+                                             audit: MemoryAuditSink, state: str | None) -> None:
+    with pytest.raises(ConnectError) as info:
+        flow.callback(state, code="sbx_ac_whatever")
+
+    assert info.value.reason == "invalid_state"
+    assert info.value.to_dict()["error"] == "connect_failed"
+    assert sandbox.provider.requests("token") == []
+    assert audit.events[-1].outcome is Outcome.FAILURE and audit.events[-1].user_id is None
+
+
+def test_access_denied_stores_nothing_and_audits_denied(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                        store: CredentialStore, audit: MemoryAuditSink) -> None:
+    query = browser(flow.start("alice", "gh").connect_url, consent="deny")
+    assert query["error"] == "access_denied" and "code" not in query
+
+    with pytest.raises(ConnectError) as info:
+        flow.callback(query["state"], error=query["error"])
+
+    assert info.value.reason == "access_denied"
+    assert sandbox.provider.requests("token") == []
+    assert store.list("alice") == []
+    (event,) = audit.events
+    assert (event.action, event.outcome, event.user_id, event.reason) == (
+        Action.CONNECT, Outcome.DENIED, "alice", "access_denied")
+    with pytest.raises(ConnectError) as again:  # the state was cleared
+        flow.callback(query["state"], code="sbx_ac_late")
+    assert again.value.reason == "invalid_state"
+
+
+def test_a_flow_started_by_a_completes_for_a_only(flow: ConnectFlow, store: CredentialStore) -> None:
+    # Bob finishes the consent of a link Alice started (a forwarded link):
+    # the credential is still Alice's, because the state, not the browser, names the user.
+    start = flow.start("alice", "gh")
+    query = browser(start.connect_url, user="bob")
+
+    result = flow.callback(query["state"], code=query["code"])
+
+    key = flow.servers["gh"].key
+    assert result.user_id == "alice"
+    assert store.get("alice", key) is not None
+    assert store.get("bob", key) is None and store.list("bob") == []
+
+
+def test_a_code_from_one_flow_does_not_complete_another_users_state(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                                    store: CredentialStore) -> None:
+    alice = browser(flow.start("alice", "gh").connect_url, user="alice")
+    bob = browser(flow.start("bob", "gh").connect_url, user="bob")
+
+    # Bob's state with Alice's code: Bob's PKCE verifier does not match Alice's challenge.
+    with pytest.raises(ConnectError) as info:
+        flow.callback(bob["state"], code=alice["code"])
+
+    assert info.value.reason == "token_exchange_failed"
+    assert sandbox.provider.stats()["errors"].get("invalid_grant") == 1
+    assert store.list("bob") == [] and store.list("alice") == []
+    # The code was burnt by the failed attempt (single use at the provider): Alice must start again.
+    with pytest.raises(ConnectError):
+        flow.callback(alice["state"], code=alice["code"])
+    assert store.list("alice") == []
+
+
+def test_callback_after_the_server_url_changed_is_refused(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                          client_secret: str, store: CredentialStore,
+                                                          oauth: OAuthClient, audit: MemoryAuditSink,
+                                                          clock: FakeClock) -> None:
+    query = browser(flow.start("alice", "gh").connect_url, user="alice")
+    moved = ConnectFlow(registry(sandbox.url, client_secret, gh_url="https://moved.upstream.test/mcp"), store,
+                        oauth, flow.states, audit, clock, CALLBACK_URL)
+
+    with pytest.raises(ConnectError) as info:
+        moved.callback(query["state"], code=query["code"])
+
+    assert info.value.reason == "server_changed"
+    assert sandbox.provider.requests("token") == [] and store.list("alice") == []
+
+
+# -- disconnect -------------------------------------------------------------------------------
+
+
+def test_disconnect_revokes_upstream_and_deletes_locally(flow: ConnectFlow, sandbox: SandboxHandle,
+                                                         client_secret: str, store: CredentialStore,
+                                                         oauth: OAuthClient, audit: MemoryAuditSink) -> None:
+    connect(flow, "alice")
+    connect(flow, "bob")
+    server = flow.servers["gh"]
+    stored = store.get("alice", server.key)
+    assert stored is not None
+    cred = stored.credential
+
+    assert flow.disconnect("alice", "gh") is True
+
+    revokes = sandbox.provider.requests("revoke")
+    assert [r["form"]["token_type_hint"] for r in revokes] == ["refresh_token", "access_token"]
+    assert revokes[0]["form"]["token"] == cred.refresh_token.reveal()  # type: ignore[union-attr]
+    assert revokes[1]["form"]["token"] == cred.access_token.reveal()
+    assert all(r["client_auth"] == "client_secret_post" and r["form"]["client_secret"] == client_secret
+               for r in revokes)
+    assert sandbox.provider.stats()["revocations"] == 2
+    with pytest.raises(UpstreamError) as info:  # the revoked refresh token is dead at the provider
+        oauth.refresh(server, cred)
+    assert info.value.oauth_error == "invalid_grant"
+    assert store.get("alice", server.key) is None and store.list("alice") == []
+    assert store.get("bob", server.key) is not None  # another user's connection is untouched
+    assert [(e.action, e.outcome) for e in audit.events if e.user_id == "alice"][-2:] == [
+        (Action.REVOKE, Outcome.SUCCESS), (Action.DISCONNECT, Outcome.SUCCESS)]
+    assert flow.disconnect("alice", "gh") is False  # nothing left; nothing more to revoke
+    assert len(sandbox.provider.requests("revoke")) == 2
+
+
+def test_failed_revocation_is_audited_and_the_local_delete_still_happens(
+        flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore, oauth: OAuthClient,
+        audit: MemoryAuditSink) -> None:
+    connect(flow, "alice")
+    server = flow.servers["gh"]
+    stored = store.get("alice", server.key)
+    assert stored is not None
+    sandbox.provider.set_fault("revoke", "5xx")
+
+    assert flow.disconnect("alice", "gh") is True
+
+    assert store.get("alice", server.key) is None
+    assert sandbox.provider.stats()["revocations"] == 0
+    assert len(sandbox.provider.requests("revoke")) == 4  # 2 tokens x 2 attempts each
+    revoke_events = [e for e in audit.events if e.action is Action.REVOKE]
+    assert [(e.outcome, e.reason) for e in revoke_events] == [(Outcome.FAILURE, "temporarily_unavailable")]
+    assert audit.events[-1].action is Action.DISCONNECT and audit.events[-1].outcome is Outcome.SUCCESS
+    # Not revoked upstream, so the refresh token would still work: that is what the failure audit is for.
+    sandbox.provider.set_fault("revoke", None)
+    assert oauth.refresh(server, stored.credential).access_token != stored.credential.access_token
