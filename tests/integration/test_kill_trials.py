@@ -20,9 +20,9 @@ from broker.servers import server_key
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, store_of
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRIALS = int(os.environ.get("CREDBROKER_KILL_TRIALS", "12"))
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(60 + TRIALS * 6)]
 GH_KEY = server_key("gh", "https://gh.upstream.test/mcp")
 
 
