@@ -196,6 +196,10 @@ class Resolver:
             current = self.store.get(user_id, server.key)
             if current is not None and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
+            if current is None and server.mode is Mode.OAUTH_CONNECT:
+                # Disconnected while we refreshed: the user revoked consent, so
+                # the fresh credential must not be served or stored.
+                raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
             log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
         return _Outcome(new, Action.REFRESH)
 

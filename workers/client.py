@@ -123,6 +123,7 @@ class BrokerClient:
     def close(self) -> None:
         self.waiter.close()
         self.audit.close()
+        self.celery.close()
         self.redis.close()
 
     def __enter__(self) -> BrokerClient:

@@ -81,3 +81,50 @@ METRICS.describe("credbroker_resolves_total", "counter", "Resolves by outcome (e
 METRICS.describe("credbroker_resolve_seconds", "histogram", "Resolve latency by path")
 METRICS.describe("credbroker_flight_joins_total", "counter", "Resolves that joined a flight another caller started")
 METRICS.describe("credbroker_flights_started_total", "counter", "Flights started by this process")
+
+
+# -- cluster-wide counters -----------------------------------------------------------
+# Provider calls, refreshes and beat scans happen in worker processes; they are
+# counted in one Redis hash so any API process can serve them on /metrics.
+
+CLUSTER_HASH = "credbroker:metrics"
+_CLUSTER_HELP = {
+    "credbroker_provider_calls_total": ("counter", "Authorization-server calls by grant and result, cluster-wide"),
+    "credbroker_refreshes_total": ("counter", "Credential renewals by trigger (resolve or proactive) and outcome"),
+    "credbroker_beat_scans_total": ("counter", "Proactive refresh scans run"),
+    "credbroker_credentials_due": ("gauge", "Credentials due in the last beat scan"),
+    "credbroker_refresh_flights_sent_total": ("counter", "Proactive refresh flights sent by the beat"),
+}
+
+
+def _field(name: str, labels: dict[str, str]) -> str:
+    return name + _labels(tuple(sorted(labels.items())))
+
+
+def cluster_incr(client: object, name: str, amount: int = 1, **labels: str) -> None:
+    """Count an event cluster-wide; a Redis outage only loses the count."""
+    try:
+        client.hincrby(CLUSTER_HASH, _field(name, labels), amount)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def cluster_set(client: object, name: str, value: float, **labels: str) -> None:
+    try:
+        client.hset(CLUSTER_HASH, _field(name, labels), value)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def render_cluster(client: object) -> str:
+    raw = client.hgetall(CLUSTER_HASH)  # type: ignore[attr-defined]
+    series: dict[str, list[str]] = {}
+    for field, value in sorted((k.decode() if isinstance(k, bytes) else k, v) for k, v in raw.items()):
+        name = field.split("{", 1)[0]
+        number = float(value.decode() if isinstance(value, bytes) else value)
+        series.setdefault(name, []).append(f"{field} {number:g}")
+    lines: list[str] = []
+    for name, rows in series.items():
+        kind, text = _CLUSTER_HELP.get(name, ("counter", name))
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows]
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -31,6 +31,7 @@ from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
 from .flight import Claims
+from .metrics import cluster_incr
 
 __all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
 
@@ -76,7 +77,9 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     store = CredentialStore(make_engine(settings.database_url), settings.keyring, clock=clock,
                             near_expiry=near, refresh_fraction=settings.refresh_fraction)
     http = make_http_client(settings)
-    oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock)
+    oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock,
+                        on_call=lambda grant, result: cluster_incr(client, "credbroker_provider_calls_total",
+                                                                   grant=grant, result=result))
     audit = StreamAuditSink(client)
     connect = None
     if sealer is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery.signals import task_postrun, worker_process_init
 
-from broker.audit import Outcome, SqlAuditLog
+from broker.audit import Action, Outcome, SqlAuditLog
 from broker.errors import BrokerError, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
 
@@ -21,6 +21,7 @@ from .auditstream import persist_audit_batch, pop_used
 from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
+from .metrics import cluster_incr, cluster_set
 from .runtime import Runtime, runtime
 from .wire import result_purpose, seal_envelope, to_envelope
 
@@ -70,8 +71,14 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
                 return {"error": NoCredential("nothing to refresh").to_dict(), "trigger": "refresh"}
         else:
             acq = rt.resolver.acquire(user_id, server_name)
+        if acq.action is Action.REFRESH:
+            cluster_incr(rt.redis, "credbroker_refreshes_total", trigger="proactive" if trigger == "refresh" else "resolve",
+                         outcome=acq.outcome.value)
         env = to_envelope(user_id, server.key, acq)
         write_cache(rt, user_id, server.key, env, acq)
+        if rt.store.get(user_id, server.key) is None:
+            # Deleted (disconnected) while this flight ran: never resurrect it in the cache.
+            rt.redis.delete(cache_key(user_id, server.key))
         return {"ok": seal_envelope(rt.sealer, env, result_purpose(task_id)), "trigger": trigger}
     except BrokerError as exc:
         return {"error": exc.to_dict(), "trigger": trigger}
@@ -119,6 +126,9 @@ def refresh_due() -> dict[str, Any]:
         if rt.claims.claim(flight_key(user_id, server_key), task_id, ttl_ms):
             app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
             sent += 1
+    cluster_incr(rt.redis, "credbroker_beat_scans_total")
+    cluster_set(rt.redis, "credbroker_credentials_due", len(due))
+    cluster_incr(rt.redis, "credbroker_refresh_flights_sent_total", sent)
     if due:
         log.info("refresh_due: %d due, %d flights sent, %d use marks", len(due), sent, len(uses))
     return {"due": len(due), "sent": sent, "uses": len(uses)}
