@@ -79,17 +79,24 @@ def test_kill_during_refresh_loses_nothing(tmp_path: Path, sandbox: Any) -> None
                 after = store.get("kim", GH_KEY)
                 store.engine.dispose()
                 assert after is not None and after.status is CredentialStatus.CONNECTED, (trial, after)
+                counts["refreshed"] += after.version > before.version
+                refreshes = sandbox.provider.stats()["grants"]["refresh_token"]
+                counts["provider_refreshes_this_trial_max"] = max(
+                    counts["provider_refreshes_this_trial_max"], refreshes - counts["provider_refreshes"])
+                counts["provider_refreshes"] = refreshes
         stats = sandbox.provider.stats()
     finally:
         c.stop()
     assert counts["ok"] == TRIALS
+    assert counts["refreshed"] == TRIALS, counts  # every trial's refresh landed in the store
     assert counts["killed"] >= TRIALS * 0.8
     assert stats["errors"].get("invalid_grant", 0) == 0, stats
     assert stats["reuse_detected"] == 0
     # a refresh token is re-presented only after a kill lost the response
     assert stats["grace_reuses"] <= counts["killed"], (stats, counts)
     print(f"\nkill trials: {TRIALS}, kills landed: {counts['killed']}, refreshes: "
-          f"{stats['grants']['refresh_token']}, re-presented after a lost response: {stats['grace_reuses']}")
+          f"{stats['grants']['refresh_token']}, re-presented after a lost response: {stats['grace_reuses']}, "
+          f"{dict(counts)}")
 
 
 def _fresh(c: Cluster) -> bool:
