@@ -199,6 +199,7 @@ class Resolver:
             if current is None and server.mode is Mode.OAUTH_CONNECT:
                 # Disconnected while we refreshed: the user revoked consent, so
                 # the fresh credential must not be served or stored.
+                log.warning("credential for server %s was deleted during its refresh; not stored", server.name)
                 raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
             log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
         return _Outcome(new, Action.REFRESH)

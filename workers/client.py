@@ -13,16 +13,17 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from broker.audit import Action
+from broker.audit import Action, Outcome
 from broker.clock import Clock, SystemClock
 from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
 from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
+from broker.models import refresh_point
 from broker.policy import Policy, load_policy
 from broker.resolver import Acquisition, Resolved, finish, record_failure
 from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
@@ -41,6 +42,22 @@ __all__ = ["BrokerClient", "Resolved"]
 
 log = logging.getLogger(__name__)
 _MAX_FLIGHT_RETRIES = 5
+# A joined flight's result older than this was not produced for this call.
+_STALE_RESULT_SECONDS = 2.0
+
+
+def _age(meta: dict[str, Any]) -> float:
+    """Seconds since a task result was stored (0 when unknown)."""
+    raw = meta.get("date_done")
+    if not isinstance(raw, str):
+        return 0.0
+    try:
+        done = datetime.fromisoformat(raw)
+    except ValueError:
+        return 0.0
+    if done.tzinfo is None:
+        done = done.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - done).total_seconds()
 
 
 class BrokerClient:
@@ -154,6 +171,15 @@ class BrokerClient:
 
     # -- flight ------------------------------------------------------------------
 
+    def _outdated(self, acq: Acquisition, meta: dict[str, Any]) -> bool:
+        """A joined result that a new flight should replace: past its refresh
+        point (and not a deliberate stale-if-error answer), or just old."""
+        cred = acq.credential
+        point = refresh_point(cred.issued_at, cred.expires_at, self._near, self._fraction)
+        if acq.outcome is Outcome.STALE:
+            return _age(meta) > _STALE_RESULT_SECONDS
+        return point is not None and self.clock.now() >= point
+
     def _meta(self, task_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(RESULT_CHANNEL_PREFIX + task_id)
         if raw is None:
@@ -175,6 +201,7 @@ class BrokerClient:
                 if time.monotonic() >= deadline:
                     raise ResolveTimeout()
                 task_id = new_task_id()
+                joined = False
                 if self.claims.claim(key, task_id, claim_ms):
                     self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
                     METRICS.inc("credbroker_flights_started_total")
@@ -182,7 +209,7 @@ class BrokerClient:
                     holder = self.claims.holder(key)
                     if holder is None:
                         continue  # released between our SET and GET: try to claim again
-                    task_id = holder
+                    task_id, joined = holder, True
                     METRICS.inc("credbroker_flight_joins_total")
                 meta = self.waiter.wait(task_id, deadline, lambda t=task_id: self.claims.holder(key) == t)
                 if meta is None:
@@ -197,13 +224,24 @@ class BrokerClient:
                         raise BrokerError("resolve flight failed repeatedly")
                     continue
                 if "error" in result:
-                    if result.get("trigger") == "refresh" and failures == 0:
-                        failures += 1  # a background refresh failed; try a resolve of our own once
+                    if (result.get("trigger") == "refresh" or (joined and _age(meta) > _STALE_RESULT_SECONDS)) \
+                            and failures < _MAX_FLIGHT_RETRIES:
+                        # A background refresh failed, or a finished flight's claim outlived
+                        # its worker: run a resolve of our own.
+                        failures += 1
+                        self.claims.release(key, task_id)
                         continue
-                    exc = error_from_dict(result["error"])
-                    raise exc
+                    raise error_from_dict(result["error"])
                 env = open_envelope(self.sealer, result["ok"], result_purpose(task_id))
-                return from_envelope(env, user_id, server.key)
+                acq = from_envelope(env, user_id, server.key)
+                if joined and failures < _MAX_FLIGHT_RETRIES and self._outdated(acq, meta):
+                    # The claim of a flight that finished earlier was never released
+                    # (its worker died after storing the result): that result is not
+                    # an answer to this call. Free the pair and fly again.
+                    failures += 1
+                    self.claims.release(key, task_id)
+                    continue
+                return acq
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
