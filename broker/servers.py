@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,8 +93,9 @@ class ServerConfig:
     url: str
     auth_broker: AuthBrokerConfig
 
-    @property
+    @cached_property
     def key(self) -> str:
+        # Cached: read several times on every resolve, and name and URL never change.
         return server_key(self.name, self.url)
 
     @property

@@ -1,0 +1,177 @@
+"""Process commands: ``api``, ``worker``, ``beat``, ``flower``.
+
+``worker``, ``beat`` and ``flower`` replace this process with the Celery
+command (exec), so signals reach Celery directly and a process supervisor
+sees one process. The settings are validated first, so a bad setting reads
+as ``error: config_error: ...`` and not as a Celery traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from broker.errors import ConfigError
+from broker.settings import Settings
+
+from .cli_common import add_command, configure_logging, environment, port_number, positive_int, settings
+
+__all__ = ["register", "celery_argv", "worker_argv", "beat_argv", "flower_command", "POOLS"]
+
+POOLS = ("prefork", "threads", "solo")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The queue the broker's tasks go to (workers.celery_app.QUEUE), without importing Celery here.
+QUEUE = "credbroker"
+
+
+def celery_argv(command: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", command, *options]
+
+
+def _exec(argv: list[str], env: Mapping[str, str] | None = None) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, dict(environment() if env is None else env))
+
+
+# -- api ------------------------------------------------------------------------------------
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    s = settings()
+    configure_logging(s.log_level)
+    from .api import serve_api  # lazily: Starlette and uvicorn only for this command
+
+    serve_api(s, args.host, args.port)
+    return 0
+
+
+# -- worker -----------------------------------------------------------------------------------
+
+
+def worker_argv(args: argparse.Namespace, s: Settings) -> list[str]:
+    argv = celery_argv("worker", f"--loglevel={args.loglevel or s.log_level}", f"--pool={args.pool}",
+                       f"--queues={QUEUE}", f"--hostname={args.hostname}",
+                       # No broadcast chatter between workers: nothing here uses it.
+                       "--without-gossip", "--without-mingle")
+    if args.concurrency:
+        argv.append(f"--concurrency={args.concurrency}")
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _exec(worker_argv(args, settings()))
+
+
+# -- beat ---------------------------------------------------------------------------------------
+
+
+def beat_argv(args: argparse.Namespace, s: Settings) -> list[str]:
+    schedule = Path(args.schedule) if args.schedule else s.state_dir / "celerybeat-schedule"
+    return celery_argv("beat", f"--loglevel={args.loglevel or s.log_level}", f"--schedule={schedule}")
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from .embedded import ensure_state_dir
+
+    s = settings()
+    argv = beat_argv(args, s)
+    ensure_state_dir(Path(argv[-1].split("=", 1)[1]).parent)
+    _exec(argv)
+
+
+# -- flower ---------------------------------------------------------------------------------------
+
+
+def flower_command(args: argparse.Namespace, s: Settings,
+                   environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Flower's argv and environment. The credentials go in FLOWER_BASIC_AUTH (Flower
+    reads its options from FLOWER_* variables), never on the command line, where
+    every local user could read them in the process list."""
+    env = dict(environ)
+    if s.flower_basic_auth is not None:
+        env["FLOWER_BASIC_AUTH"] = s.flower_basic_auth.reveal()
+    elif not args.insecure_no_auth:
+        raise ConfigError("Flower needs authentication: set CREDBROKER_FLOWER_BASIC_AUTH=user:password "
+                          "(or pass --insecure-no-auth, for a trusted network only)")
+    argv = celery_argv("flower", f"--port={args.port}", f"--address={args.address}")
+    return argv, env
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    s = settings()
+    argv, env = flower_command(args, s, environment())
+    if s.flower_basic_auth is None:
+        print("WARNING: Flower is starting WITHOUT authentication (--insecure-no-auth)", file=sys.stderr)
+    _exec(argv, env)
+
+
+# -- registration --------------------------------------------------------------------------------------
+
+
+def _level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return text.upper()
+
+
+def register(sub: Any) -> None:
+    p = add_command(sub, "api", "serve the HTTP API", """
+        Serve the HTTP API (resolve, connect and its browser callback,
+        credentials, audit, health and metrics) with uvicorn. Configured by
+        the CREDBROKER_* settings; the connect callback URL is
+        CREDBROKER_PUBLIC_URL + /v1/connect/callback.
+        """, """
+        credbroker api                          # 127.0.0.1:8080
+        credbroker api --host 0.0.0.0 --port 8080
+        """)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8080, help="port to listen on (default 8080)")
+    p.set_defaults(handler=cmd_api)
+
+    p = add_command(sub, "worker", "run a Celery worker (one process tree)", """
+        Run one Celery worker process tree that executes resolve and refresh
+        flights and moves audit events to the database. Run as many as you
+        need, on as many hosts: single-flight is cluster-wide.
+        """, """
+        credbroker worker
+        credbroker worker --concurrency 8
+        credbroker worker --pool threads --concurrency 32 --loglevel debug
+        """)
+    p.add_argument("--concurrency", "-c", type=positive_int, metavar="N",
+                   help="pool processes or threads (default: number of CPUs)")
+    p.add_argument("--pool", "-P", choices=POOLS, default="prefork", help="execution pool (default prefork)")
+    p.add_argument("--loglevel", "-l", type=_level, metavar="LEVEL", help="default CREDBROKER_LOG_LEVEL")
+    p.add_argument("--hostname", "-n", default="credbroker@%h", metavar="NAME",
+                   help="node name (default credbroker@%%h, %%h = host name)")
+    p.set_defaults(handler=cmd_worker)
+
+    p = add_command(sub, "beat", "run the scheduler (proactive refresh, audit flush)", """
+        Run Celery beat: every CREDBROKER_REFRESH_SCAN_SECONDS it starts the
+        refresh of credentials near expiry that were used recently, and every
+        second it moves audit events to the database. Run one per cluster
+        (two by mistake do not double the work).
+        """, "credbroker beat\ncredbroker beat --schedule /var/lib/credbroker/beat-schedule")
+    p.add_argument("--schedule", "-s", metavar="PATH",
+                   help="beat's schedule file (default CREDBROKER_STATE_DIR/celerybeat-schedule)")
+    p.add_argument("--loglevel", "-l", type=_level, metavar="LEVEL", help="default CREDBROKER_LOG_LEVEL")
+    p.set_defaults(handler=cmd_beat)
+
+    p = add_command(sub, "flower", "run Flower, the task monitor (authentication required)", """
+        Run Flower to watch tasks and workers. It requires HTTP basic
+        authentication from CREDBROKER_FLOWER_BASIC_AUTH (user:password) and
+        refuses to start without it unless --insecure-no-auth is given. Task
+        arguments are a user id and a server name; results are sealed, so
+        Flower shows no secret.
+        """, """
+        CREDBROKER_FLOWER_BASIC_AUTH=ops:s3cret credbroker flower
+        credbroker flower --address 0.0.0.0 --port 5555
+        """)
+    p.add_argument("--port", type=port_number, default=5555, help="port to listen on (default 5555)")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="start without authentication (not advised)")
+    p.set_defaults(handler=cmd_flower)
