@@ -3,6 +3,7 @@ identity provider over HTTP, and Celery workers and beat as OS processes."""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
 import signal
@@ -23,10 +24,33 @@ from broker.settings import Settings, load_settings
 
 __all__ = ["Cluster", "wait_for", "sandbox_servers"]
 
-# A database number per test process (1-12), so parallel test runs on one
-# machine don't flush each other's cluster; db 0 is left alone, 13 is the
-# benchmark's, 15 the unit tests'.
-REDIS_DB = int(os.environ.get("CREDBROKER_TEST_REDIS_DB", str(1 + os.getpid() % 12)))
+def _pick_redis_db() -> int:
+    """A Redis database number of this test process's own (1-12), claimed with a
+    lock key in db 0, so parallel test runs on one machine never flush or share
+    each other's cluster. db 13 is the benchmark's, 15 the unit tests'."""
+    if "CREDBROKER_TEST_REDIS_DB" in os.environ:
+        return int(os.environ["CREDBROKER_TEST_REDIS_DB"])
+    try:
+        lock = redis.Redis(host="127.0.0.1", port=6379, db=0, socket_connect_timeout=1)
+        for n in range(1, 13):
+            key = f"credbroker-test:db-lock:{n}"
+            if lock.set(key, os.getpid(), nx=True, ex=3600):
+                atexit.register(lambda k=key: _release(lock, k))
+                return n
+    except redis.RedisError:
+        pass
+    return 1 + os.getpid() % 12
+
+
+def _release(client: redis.Redis, key: str) -> None:
+    try:
+        if client.get(key) == str(os.getpid()).encode():
+            client.delete(key)
+    except redis.RedisError:
+        pass
+
+
+REDIS_DB = _pick_redis_db()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> Any:

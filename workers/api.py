@@ -127,7 +127,7 @@ def _rid(request: Request) -> str:
 async def _json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, read with a hard size cap."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+    if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES):
         raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0

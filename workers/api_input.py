@@ -139,7 +139,10 @@ def check_fields(body: Mapping[str, Any], required: Iterable[str], optional: Ite
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer past the float range (1e400 written as a float parses to inf)
+        return None
     return number if math.isfinite(number) else None
 
 
@@ -157,7 +160,10 @@ def parse_instant(value: object, field: str) -> datetime:
                 raise InvalidRequest(f"{field}: expected ISO 8601 or unix seconds") from None
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
-            return parsed.astimezone(UTC)
+            try:
+                return parsed.astimezone(UTC)
+            except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is past the last representable instant
+                raise InvalidRequest(f"{field}: out of range") from None
         if not math.isfinite(number):
             number = None
     if number is None:
@@ -178,7 +184,7 @@ def parse_timeout(value: object, cap: float) -> float:
 def parse_limit(value: str | None, default: int = 100, maximum: int = 1000) -> int:
     if value is None:
         return default
-    if not value.isdigit() or len(value) > 6:
+    if not (value.isascii() and value.isdigit()) or len(value) > 6:  # str.isdigit() also takes "²"
         raise InvalidRequest(f"limit: must be an integer from 1 to {maximum}")
     number = int(value)
     if not 1 <= number <= maximum:

@@ -168,6 +168,7 @@ PATHS: dict[str, Any] = {
                        for n in ("state", "code", "error")],
         "responses": {"200": dict(_PAGE, description="Connected: names the server"),
                       "400": dict(_PAGE, description="Failed: a coarse reason, never a secret"),
+                      "500": dict(_PAGE, description="Internal error: a page without detail"),
                       "503": dict(_PAGE, description="Store disabled or a backing service is down")},
     }},
     "/v1/users/{user_id}/credentials": {"get": {
