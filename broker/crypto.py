@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -136,11 +137,16 @@ class Keyring:
     def kids(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.keys)
 
-    def _aead(self, kid: str) -> AESGCM | None:
+    @cached_property
+    def _aeads(self) -> dict[str, AESGCM]:
+        # Built once: constructing an AESGCM per call cost as much as the decryption.
+        aeads: dict[str, AESGCM] = {}
         for k, raw in self.keys:
-            if k == kid:
-                return AESGCM(raw)
-        return None
+            aeads.setdefault(k, AESGCM(raw))  # the first key with an id wins, as before
+        return aeads
+
+    def _aead(self, kid: str) -> AESGCM | None:
+        return self._aeads.get(kid)
 
     def encrypt(self, plaintext: bytes, ad: bytes) -> bytes:
         kid = self.active_kid

@@ -63,9 +63,17 @@ class Runtime:
         self.redis.close()
 
 
+# redis-py 8 caps a default pool at 100 connections and then fails at once with
+# "Too many connections"; a gateway or the API runs more concurrent resolves than
+# that, so callers queue for a connection (up to 10 s) instead of getting a 503.
+REDIS_POOL_MAX = 1024
+
+
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
-                                health_check_interval=30, retry_on_timeout=True)
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_POOL_MAX, timeout=10, socket_timeout=10,
+        socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True)
+    return redis.Redis.from_pool(pool)
 
 
 def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:

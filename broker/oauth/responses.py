@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -95,11 +96,15 @@ def parse_error_response(
     )
 
 
+# One regex match per value, not a per-character loop: tokens are long and every flight parses one.
+_VSCHAR = re.compile(r"[\x20-\x7e]*")
+_VSCHAR_NO_SPACE = re.compile(r"[\x21-\x7e]*")
+
+
 def _visible(value: str, *, allow_space: bool) -> bool:
     # RFC 6749 Appendix A: tokens are VSCHAR (%x20-7E). Anything else, CR and
     # LF above all, would let a server inject headers where we forward it.
-    low = 0x20 if allow_space else 0x21
-    return all(low <= ord(c) <= 0x7E for c in value)
+    return (_VSCHAR if allow_space else _VSCHAR_NO_SPACE).fullmatch(value) is not None
 
 
 def _malformed(what: str, status: int) -> UpstreamError:
