@@ -275,20 +275,30 @@ class CredentialStore:
             rows = conn.execute(select(T).where(T.c.user_id == user_id).order_by(T.c.server_key)).all()
         return [s for s in (self._row_to_stored(r) for r in rows) if s is not None]
 
-    @_guarded
-    def due(self, now: datetime, used_since: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
-        """(user_id, server_key) pairs whose refresh point has passed and that were
-        used recently; an indexed range scan on ``refresh_at``, so the cost grows
-        with the number due, not the number stored."""
+    def due_statement(self, now: datetime, used_since: datetime, limit: int = 1000) -> Any:
+        """The due scan's SELECT (see ``due``); public so its plan can be checked."""
         statuses = (CredentialStatus.CONNECTED.value, CredentialStatus.DEGRADED.value)
-        stmt = (
+        return (
             select(T.c.user_id, T.c.server_key)
-            .where(and_(T.c.refresh_at <= now, T.c.last_used_at >= used_since, T.c.status.in_(statuses)))
+            .where(and_(T.c.refresh_at <= now, T.c.refresh_at >= used_since, T.c.last_used_at >= used_since,
+                        T.c.status.in_(statuses)))
             .order_by(T.c.refresh_at)
             .limit(limit)
         )
+
+    @_guarded
+    def due(self, now: datetime, used_since: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
+        """(user_id, server_key) pairs whose refresh point has passed and that were
+        used recently: an indexed range scan on ``refresh_at``.
+
+        The range starts at ``used_since`` too: an idle credential's refresh point
+        stays in the past forever, and without a lower bound every one of them
+        would be read on every scan. A credential in use cannot sit past its
+        refresh point for long (a caller's flight renews it), so nothing in use is
+        missed, and the cost grows with the number due, not the number stored.
+        """
         with self.engine.connect() as conn:
-            return [(r.user_id, r.server_key) for r in conn.execute(stmt)]
+            return [(r.user_id, r.server_key) for r in conn.execute(self.due_statement(now, used_since, limit))]
 
     # -- subject tokens ------------------------------------------------------
 

@@ -208,7 +208,12 @@ class BrokerClient:
                 else:
                     holder = self.claims.holder(key)
                     if holder is None:
-                        continue  # released between our SET and GET: try to claim again
+                        # Released between our SET and GET: the flight just finished,
+                        # so its credential is probably in the cache already.
+                        cached = self._from_cache(user_id, server)
+                        if cached is not None:
+                            return cached
+                        continue
                     task_id, joined = holder, True
                     METRICS.inc("credbroker_flight_joins_total")
                 meta = self.waiter.wait(task_id, deadline, lambda t=task_id: self.claims.holder(key) == t)

@@ -223,12 +223,7 @@ def test_due_query_uses_the_index_on_postgresql(pg_url: str) -> None:
         conn.execute(insert(T), rows)
         conn.execute(text("ANALYZE credentials"))
     store = CredentialStore(engine, None)
-    from sqlalchemy import and_, select
-
-    stmt = (select(T.c.user_id, T.c.server_key)
-            .where(and_(T.c.refresh_at <= now, T.c.last_used_at >= now - timedelta(hours=1),
-                        T.c.status.in_(("connected", "degraded"))))
-            .order_by(T.c.refresh_at).limit(10000))
+    stmt = store.due_statement(now, now - timedelta(hours=1), limit=10000)
     compiled = stmt.compile(engine, compile_kwargs={"literal_binds": True})
     with engine.connect() as conn:
         plan = "\n".join(r[0] for r in conn.execute(text("EXPLAIN " + str(compiled))))
