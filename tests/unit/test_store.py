@@ -219,7 +219,10 @@ def test_due_selects_refresh_window_of_recent_users(store: CredentialStore) -> N
     store.set_status("gone", "k", CredentialStatus.NEEDS_RECONNECT)
     at = NOW + timedelta(seconds=45)
     assert store.due(at, used_since=NOW - timedelta(hours=1)) == [("hot", "k")]
-    # a refresh point older than the recent-use window is outside the scanned range
+    # a refresh point older than the recent-use window is outside the scanned range,
+    # even for a credential used within it
+    store.touch("hot", "k", NOW + timedelta(seconds=44))
+    assert store.due(at, used_since=NOW + timedelta(seconds=39)) == [("hot", "k")]
     assert store.due(at, used_since=NOW + timedelta(seconds=41)) == []
     assert store.due(NOW + timedelta(seconds=30), used_since=NOW - timedelta(hours=1)) == []
 
