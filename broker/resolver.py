@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -72,6 +72,8 @@ class Acquisition:
     action: Action
     outcome: Outcome = Outcome.SUCCESS
     reason: str | None = None
+    # True when this acquisition's store write also recorded the caller's use.
+    written: bool = field(default=False, compare=False, repr=False)
 
 
 _Outcome = Acquisition
@@ -162,21 +164,24 @@ class Resolver:
                     return _Outcome(cred, Action.INJECT, Outcome.STALE, "needs_reconnect")
                 if server.mode is Mode.OAUTH_CONNECT:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                return self._used(user_id, server, now, self._mint(user_id, server, now, stored))
+                return self._used(user_id, server, now, self._mint(user_id, server, now, stored, used=True))
             if not self._due(cred, now):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
-            return self._used(user_id, server, now, self._renew(user_id, server, stored, now))
+            return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True))
         if server.mode is Mode.OAUTH_CONNECT:
             raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
-        return self._used(user_id, server, now, self._mint(user_id, server, now, None))
+        return self._used(user_id, server, now, self._mint(user_id, server, now, None, used=True))
 
     def _used(self, user_id: str, server: ServerConfig, now: datetime, result: _Outcome) -> _Outcome:
         # A caller used this credential: proactive refresh should keep it warm.
-        self.store.touch(user_id, server.key, now)
+        # A renewal we stored already carried the use in the same write.
+        if not result.written:
+            self.store.touch(user_id, server.key, now)
         return result
 
-    def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime) -> _Outcome:
+    def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
+               used: bool = False) -> _Outcome:
         cred = stored.credential
         try:
             if server.mode is Mode.OAUTH_CONNECT:
@@ -191,7 +196,8 @@ class Resolver:
             raise
         except (UpstreamError, SubjectTokenMissing) as exc:
             return self._renewal_failed(user_id, server, stored, now, exc)
-        written = self.store.compare_and_swap(user_id, server.key, stored.version, new)
+        written = self.store.compare_and_swap(user_id, server.key, stored.version, new,
+                                              last_used_at=now if used else None)
         if written is None:
             current = self.store.get(user_id, server.key)
             if current is not None and not self._due(current.credential, now):
@@ -202,7 +208,7 @@ class Resolver:
                 log.warning("credential for server %s was deleted during its refresh; not stored", server.name)
                 raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
             log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
-        return _Outcome(new, Action.REFRESH)
+        return _Outcome(new, Action.REFRESH, written=written is not None and used)
 
     def _renewal_failed(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
                         exc: BrokerError) -> _Outcome:
@@ -228,15 +234,17 @@ class Resolver:
             raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
         raise exc
 
-    def _mint(self, user_id: str, server: ServerConfig, now: datetime, stored: StoredCredential | None) -> _Outcome:
+    def _mint(self, user_id: str, server: ServerConfig, now: datetime, stored: StoredCredential | None,
+              used: bool = False) -> _Outcome:
         new = self.oauth.mint(server, self._subject_token(user_id, now))
         expected = None if stored is None else stored.version
-        written = self.store.compare_and_swap(user_id, server.key, expected, new)
+        written = self.store.compare_and_swap(user_id, server.key, expected, new,
+                                              last_used_at=now if used else None)
         if written is None:
             current = self.store.get(user_id, server.key)
             if current is not None and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.ACQUIRE, Outcome.SUCCESS, "minted_elsewhere")
-        return _Outcome(new, Action.ACQUIRE)
+        return _Outcome(new, Action.ACQUIRE, written=written is not None and used)
 
     # -- helpers -------------------------------------------------------------------
 

@@ -179,11 +179,15 @@ class CredentialStore:
         *,
         status: CredentialStatus = CredentialStatus.CONNECTED,
         failure: str | None = None,
+        last_used_at: datetime | None = None,
     ) -> StoredCredential | None:
         """Write only if the record still has ``expected_version`` (None: only if
-        absent). Returns the new record, or None when the fence moved."""
+        absent). Returns the new record, or None when the fence moved.
+        ``last_used_at`` records a caller's use in the same write."""
         now = self.clock.now()
         values = self._values(user_id, server_key, credential, status, now, failure)
+        if last_used_at is not None:
+            values["last_used_at"] = last_used_at
         with self.engine.begin() as conn:
             if expected_version is None:
                 try:
@@ -204,7 +208,7 @@ class CredentialStore:
                     return None
                 new_version = expected_version + 1
         return StoredCredential(user_id, server_key, credential, status, new_version, now,
-                                refresh_at=values["refresh_at"], failure=failure)
+                                last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure)
 
     def put(self, user_id: str, server_key: str, credential: Credential, *,
             status: CredentialStatus = CredentialStatus.CONNECTED) -> StoredCredential:

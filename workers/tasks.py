@@ -16,6 +16,7 @@ from celery.signals import task_postrun, worker_process_init
 from broker.audit import Action, Outcome, SqlAuditLog
 from broker.errors import BrokerError, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
+from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used
 from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
@@ -76,8 +77,9 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
                          outcome=acq.outcome.value)
         env = to_envelope(user_id, server.key, acq)
         write_cache(rt, user_id, server.key, env, acq)
-        if rt.store.get(user_id, server.key) is None:
-            # Deleted (disconnected) while this flight ran: never resurrect it in the cache.
+        if server.mode is Mode.OAUTH_CONNECT and rt.store.get(user_id, server.key) is None:
+            # Disconnected while this flight ran: never resurrect it in the cache.
+            # (Exchange modes may mint again from the subject token; no check needed.)
             rt.redis.delete(cache_key(user_id, server.key))
         return {"ok": seal_envelope(rt.sealer, env, result_purpose(task_id)), "trigger": trigger}
     except BrokerError as exc:
