@@ -107,6 +107,7 @@ class _Collector(logging.Handler):
 
 
 _ERROR_MESSAGES: list[str] = []
+_SCANNED = {"log_lines": 0, "error_messages": 0, "tests": 0}
 _original_init = BrokerError.__init__
 
 
@@ -137,4 +138,17 @@ def secret_guard() -> Iterator[_Collector]:
     leaks = find_leaks("\n".join(collector.lines))
     assert not leaks, f"{len(leaks)} test secret(s) appeared in log output"
     leaks = find_leaks("\n".join(_ERROR_MESSAGES))
+    _SCANNED["log_lines"] += len(collector.lines)
+    _SCANNED["error_messages"] += len(_ERROR_MESSAGES)
+    _SCANNED["tests"] += 1
     assert not leaks, f"{len(leaks)} test secret(s) appeared in an error message"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The secret guard's figures, for the record."""
+    from tests.secrets import all_canaries
+
+    if _SCANNED["tests"]:
+        terminalreporter.write_line(
+            f"secret guard: {len(all_canaries())} test secrets registered; {_SCANNED['log_lines']} log lines "
+            f"and {_SCANNED['error_messages']} error messages scanned across {_SCANNED['tests']} tests")

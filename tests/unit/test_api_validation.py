@@ -327,3 +327,33 @@ def test_openapi_names_every_route(app: Starlette) -> None:
         for op in ops.values():
             assert "responses" in op, path
     assert "Error" in OPENAPI["components"]["schemas"]
+
+
+@pytest.mark.parametrize("raw", [
+    '{"user_id": "a", "server": "x"}'.encode("utf-16"),       # UTF-16 with a BOM
+    '{"user_id": "a", "server": "x"}'.encode("utf-32"),
+    b"\xef\xbb\xbf" + b'{"user_id": "a", "server": "x"}',     # UTF-8 BOM
+    '{"user_id": "zo\u00eb", "server": "x"}'.encode("latin-1"),  # Latin-1 bytes
+    b'{"user_id": "\xc0\xaf", "server": "x"}',                  # overlong UTF-8 "/"
+    b'{"user_id": "a\xed\xa0\x80", "server": "x"}',             # encoded surrogate
+])
+def test_odd_encodings_are_refused_or_parsed_strictly(raw: bytes) -> None:
+    """Anything that is not plain UTF-8 JSON is a clear 422, never a crash; a
+    body that parses still goes through the user-id rules."""
+    try:
+        body = parse_json_object(raw)
+    except InvalidRequest as exc:
+        assert exc.code == "invalid_request"
+        return
+    from broker.validation import validate_user_id
+
+    validate_user_id(body["user_id"])
+
+
+@pytest.mark.parametrize("user_id", ["a\\u0000b", "\\ud800", "a\\r\\nX-Evil: 1", "\\u202e", "a/b", " a"])
+def test_escaped_control_and_surrogate_user_ids(user_id: str) -> None:
+    from broker.validation import validate_user_id
+
+    body = parse_json_object(('{"user_id": "' + user_id + '", "server": "x"}').encode())
+    with pytest.raises(InvalidRequest, match="^user_id"):
+        validate_user_id(body["user_id"])
