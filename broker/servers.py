@@ -264,18 +264,31 @@ def _server(entry: object, position: int, key_name: str | None, environ: Mapping
 
 
 def _entries(data: object) -> list[tuple[str | None, object]]:
-    """The server entries of any accepted top-level shape, with dict-form names."""
+    """The server entries of any accepted top-level shape, with dict-form names.
+
+    In an mcpproxy file (``mcpServers``), servers without an ``auth_broker``
+    block are the gateway's own business (stdio tools, public APIs): they are
+    skipped, not rejected, so the gateway's config file can be used as is.
+    """
     if data is None:
         return []
     if isinstance(data, Mapping):
         present = [k for k in ("servers", "mcpServers") if k in data]
         if len(present) != 1:
             raise ConfigError("servers file: expected one top-level 'servers' or 'mcpServers' key")
+        mcpproxy = present[0] == "mcpServers"
         data = data[present[0]]
         if data is None:
             return []
         if isinstance(data, Mapping):
-            return [(str(k), v) for k, v in data.items()]
+            entries: list[tuple[str | None, object]] = [(str(k), v) for k, v in data.items()]
+        elif isinstance(data, list):
+            entries = [(None, v) for v in data]
+        else:
+            raise ConfigError("servers file: expected a list of servers, or 'servers' / 'mcpServers'")
+        if mcpproxy:
+            entries = [(k, v) for k, v in entries if not (isinstance(v, Mapping) and "auth_broker" not in v)]
+        return entries
     if isinstance(data, list):
         return [(None, v) for v in data]
     raise ConfigError("servers file: expected a list of servers, or 'servers' / 'mcpServers'")

@@ -624,3 +624,22 @@ def test_dataclasses_are_frozen() -> None:
         s.url = "https://b.example/"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         s.auth_broker.header = "Host"  # type: ignore[misc]
+
+
+def test_mcpproxy_file_skips_servers_the_broker_does_not_serve() -> None:
+    """A gateway's own mcpproxy config holds stdio tools and public servers too:
+    those without auth_broker are skipped; a brokered stdio server is still refused."""
+    from broker.servers import parse_servers as parse
+
+    brokered = {"name": "gh", "url": "https://gh.example.com/mcp",
+                "auth_broker": {"mode": "token_exchange", "token_endpoint": "https://idp.example.com/token"}}
+    registry = parse({"mcpServers": [
+        {"name": "fs", "command": "npx", "args": ["@modelcontextprotocol/server-filesystem"]},
+        {"name": "public", "url": "https://public.example.com/mcp"},
+        brokered,
+    ]}, environ={})
+    assert list(registry) == ["gh"]
+    with pytest.raises(ConfigError, match="server 'fs': protocol: stdio"):
+        parse({"mcpServers": [{"name": "fs", "command": "npx", "auth_broker": brokered["auth_broker"]}]}, environ={})
+    with pytest.raises(ConfigError, match="auth_broker"):
+        parse({"servers": [{"name": "public", "url": "https://public.example.com/mcp"}]}, environ={})
