@@ -17,7 +17,9 @@ _LOCATION = str(Path(__file__).parent / "migrations")
 def _config(engine: Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", _LOCATION)
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # Only for Alembic's own CLI; upgrade() hands over a live connection. "%" is
+    # escaped for configparser, or a percent-encoded password breaks start-up.
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 

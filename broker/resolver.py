@@ -23,7 +23,7 @@ from typing import Any
 from .audit import Action, AuditEvent, AuditSink, Outcome
 from .clock import Clock
 from .connect import OAuthPort
-from .errors import BrokerError, NotConnected, SubjectTokenMissing, UpstreamError
+from .errors import BrokerError, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
 from .headers import apply_header, render_header_value
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
 from .policy import Policy, PolicyInput, allow_all, enforce
@@ -120,15 +120,15 @@ class Resolver:
         return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
                       self.near_expiry, self.refresh_fraction)
 
-    def acquire(self, user_id: str, server_name: str) -> Acquisition:
+    def acquire(self, user_id: str, server_name: str, *, guard: Guard | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
         each caller then runs policy and audit on its own call)."""
         server = self.servers.get_server(server_name)
-        result = self._acquire(user_id, server, self.clock.now())
+        result = self._acquire(user_id, server, self.clock.now(), guard)
         return Acquisition(result.credential, result.action, result.outcome, result.reason)
 
     def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive",
-                     lead: timedelta = timedelta(0)) -> Acquisition | None:
+                     lead: timedelta = timedelta(0), guard: Guard | None = None) -> Acquisition | None:
         """Proactive refresh: renew only if the refresh point has passed.
 
         Re-reads the store first, so a refresh another flight already made is
@@ -144,7 +144,7 @@ class Resolver:
         if not self._due(stored.credential, now + lead):
             return Acquisition(stored.credential, Action.INJECT)
         try:
-            result = self._renew(user_id, server, stored, now)
+            result = self._renew(user_id, server, stored, now, guard=guard)
         except BrokerError as exc:
             self._record(Action.REFRESH, Outcome.FAILURE, user_id, server, _method(server), _reason(exc), None)
             return None
@@ -154,7 +154,7 @@ class Resolver:
 
     # -- ordering ----------------------------------------------------------------
 
-    def _acquire(self, user_id: str, server: ServerConfig, now: datetime) -> _Outcome:
+    def _acquire(self, user_id: str, server: ServerConfig, now: datetime, guard: Guard | None = None) -> _Outcome:
         stored = self.store.get(user_id, server.key)
         if stored is not None:
             cred = stored.credential
@@ -164,14 +164,14 @@ class Resolver:
                     return _Outcome(cred, Action.INJECT, Outcome.STALE, "needs_reconnect")
                 if server.mode is Mode.OAUTH_CONNECT:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                return self._used(user_id, server, now, self._mint(user_id, server, now, stored, used=True))
+                return self._used(user_id, server, now, self._mint(user_id, server, now, stored, used=True, guard=guard))
             if not self._due(cred, now):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
-            return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True))
+            return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, guard=guard))
         if server.mode is Mode.OAUTH_CONNECT:
             raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
-        return self._used(user_id, server, now, self._mint(user_id, server, now, None, used=True))
+        return self._used(user_id, server, now, self._mint(user_id, server, now, None, used=True, guard=guard))
 
     def _used(self, user_id: str, server: ServerConfig, now: datetime, result: _Outcome) -> _Outcome:
         # A caller used this credential: proactive refresh should keep it warm.
@@ -181,7 +181,7 @@ class Resolver:
         return result
 
     def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
-               used: bool = False) -> _Outcome:
+               used: bool = False, guard: Guard | None = None) -> _Outcome:
         cred = stored.credential
         try:
             if server.mode is Mode.OAUTH_CONNECT:
@@ -189,9 +189,12 @@ class Resolver:
                     if not cred.is_expired(now):
                         return _Outcome(cred, Action.REFRESH, Outcome.STALE, "no_refresh_token")
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+                _check(guard)
                 new = self.oauth.refresh(server, cred)
             else:
-                new = self.oauth.mint(server, self._subject_token(user_id, now))
+                subject = self._subject_token(user_id, now)
+                _check(guard)
+                new = self.oauth.mint(server, subject)
         except NotConnected:
             raise
         except (UpstreamError, SubjectTokenMissing) as exc:
@@ -235,8 +238,10 @@ class Resolver:
         raise exc
 
     def _mint(self, user_id: str, server: ServerConfig, now: datetime, stored: StoredCredential | None,
-              used: bool = False) -> _Outcome:
-        new = self.oauth.mint(server, self._subject_token(user_id, now))
+              used: bool = False, guard: Guard | None = None) -> _Outcome:
+        subject = self._subject_token(user_id, now)
+        _check(guard)
+        new = self.oauth.mint(server, subject)
         expected = None if stored is None else stored.version
         written = self.store.compare_and_swap(user_id, server.key, expected, new,
                                               last_used_at=now if used else None)
@@ -323,6 +328,17 @@ def _record(audit: AuditSink, clock: Clock, action: Action, outcome: Outcome, us
                                  method=method, reason=reason, request_id=request_id, ts=clock.now())])
     except Exception as exc:  # noqa: BLE001 - an audit outage must not fail a resolve
         log.warning("audit record failed: %s", type(exc).__name__)
+
+
+# Called just before an authorization server is asked for a token: False means
+# this flight no longer holds the pair (its claim expired), so another flight
+# may be presenting the same refresh token right now.
+Guard = Callable[[], bool]
+
+
+def _check(guard: Guard | None) -> None:
+    if guard is not None and not guard():
+        raise ServiceUnavailable("this flight lost its claim on the pair; retry")
 
 
 def _method(server: ServerConfig) -> str:

@@ -22,7 +22,7 @@ from broker.db import make_engine
 from broker.migrate import upgrade
 from broker.settings import Settings, load_settings
 
-__all__ = ["Cluster", "wait_for", "sandbox_servers"]
+__all__ = ["Cluster", "wait_for", "sandbox_servers", "read_all_redis"]
 
 def _pick_redis_db() -> int:
     """A Redis database number of this test process's own (1-12), claimed with a
@@ -184,3 +184,24 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.redis.close()
+
+
+def read_all_redis(r: redis.Redis) -> str:
+    """Every key and value in the database, read with the type's own command."""
+    parts: list[str] = []
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key).decode()
+        parts.append(key.decode(errors="replace"))
+        if kind == "string":
+            parts.append(repr(r.get(key)))
+        elif kind == "hash":
+            parts.append(repr(r.hgetall(key)))
+        elif kind == "list":
+            parts.append(repr(r.lrange(key, 0, -1)))
+        elif kind == "set":
+            parts.append(repr(r.smembers(key)))
+        elif kind == "zset":
+            parts.append(repr(r.zrange(key, 0, -1, withscores=True)))
+        elif kind == "stream":
+            parts.append(repr(r.xrange(key)))
+    return "\n".join(parts)

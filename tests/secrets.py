@@ -32,7 +32,7 @@ def all_canaries() -> frozenset[str]:
 
 
 def find_leaks(text: str) -> list[str]:
-    """The registered secrets that occur in ``text`` (also the fixed prefix of ours)."""
+    """The registered secrets that occur in ``text``."""
     return [c for c in all_canaries() if c in text]
 
 

@@ -46,6 +46,7 @@ from broker.validation import validate_server_name, validate_user_id
 
 from .api_edge import REQUEST_ID_KEY, Edge, broker_error, http_error
 from .api_input import (
+    echo_names,
     MAX_BODY_BYTES,
     check_fields,
     parse_instant,
@@ -264,7 +265,7 @@ async def audit(request: Request) -> Response:
     q = request.query_params
     unknown = sorted(k for k in q if k not in _AUDIT_PARAMS)
     if unknown:
-        raise InvalidRequest(f"query: unknown parameter(s) {', '.join(repr(k[:64]) for k in unknown[:5])}")
+        raise InvalidRequest(f"query: unknown parameter(s) {echo_names(list(unknown))}")
     user_id = validate_user_id(q["user_id"]) if "user_id" in q else None
     server = validate_server_name(q["server"]) if "server" in q else None
     since = parse_instant(q["since"], "since") if "since" in q else None

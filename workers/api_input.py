@@ -7,6 +7,8 @@ field and never echoes the value (a misplaced token must not come back).
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import hmac
 import json
@@ -123,14 +125,23 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+
+
+def echo_names(names: list[str]) -> str:
+    """Field names safe to repeat back: a pasted token used as a key is not echoed."""
+    shown = [repr(n) for n in names[:5] if _NAME_RE.match(n)]
+    hidden = len(names) - len(shown)
+    return ", ".join(shown + ([f"{hidden} more not shown"] if hidden else []))
+
+
 def check_fields(body: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
     """Refuse unknown fields (a typo must not be silently ignored) and missing ones."""
     required = tuple(required)
     allowed = set(required) | set(optional)
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
-        names = ", ".join(repr(k[:64]) for k in unknown[:5])
-        raise InvalidRequest(f"body: unknown field(s) {names}; allowed: {', '.join(sorted(allowed))}")
+        raise InvalidRequest(f"body: unknown field(s) {echo_names(unknown)}; allowed: {', '.join(sorted(allowed))}")
     for name in required:
         if name not in body:
             raise InvalidRequest(f"{name}: required")

@@ -22,7 +22,7 @@ from broker.audit import AuditEvent, SqlAuditLog
 
 from .constants import AUDIT_GROUP, AUDIT_STREAM, AUDIT_STREAM_MAXLEN, CLIENT_FLUSH_SECONDS, USED_ZSET
 
-__all__ = ["StreamAuditSink", "persist_audit_batch", "pop_used"]
+__all__ = ["StreamAuditSink", "persist_audit_batch", "pop_used", "restore_used"]
 
 log = logging.getLogger(__name__)
 _BUFFER_LIMIT = 100_000  # events kept while Redis is down; beyond that the oldest are dropped, counted
@@ -153,3 +153,10 @@ def pop_used(client: redis.Redis, count: int = 10_000) -> list[tuple[str, str, f
             continue
         out.append((user_id, server_key, float(score)))
     return out
+
+
+def restore_used(client: redis.Redis, uses: list[tuple[str, str, float]]) -> None:
+    """Put use marks back (a failed database write must not lose them); a newer
+    mark made meanwhile wins."""
+    if uses:
+        client.zadd(USED_ZSET, {json.dumps([u, k]): t for u, k, t in uses}, gt=True)

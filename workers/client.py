@@ -13,16 +13,16 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from broker.audit import Action, Outcome
+from broker.audit import Action
 from broker.clock import Clock, SystemClock
 from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
-from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
+from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
 from broker.policy import Policy, load_policy
 from broker.resolver import Acquisition, Resolved, finish, record_failure
@@ -36,28 +36,14 @@ from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
 from .runtime import redis_client
-from .wire import from_envelope, open_envelope, result_purpose
+from .wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
 
 __all__ = ["BrokerClient", "Resolved"]
 
 log = logging.getLogger(__name__)
 _MAX_FLIGHT_RETRIES = 5
-# A joined flight's result older than this was not produced for this call.
-_STALE_RESULT_SECONDS = 2.0
-
-
-def _age(meta: dict[str, Any]) -> float:
-    """Seconds since a task result was stored (0 when unknown)."""
-    raw = meta.get("date_done")
-    if not isinstance(raw, str):
-        return 0.0
-    try:
-        done = datetime.fromisoformat(raw)
-    except ValueError:
-        return 0.0
-    if done.tzinfo is None:
-        done = done.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - done).total_seconds()
+# Pause before claiming again when a flight was released under our feet.
+_RECLAIM_PAUSE = 0.01
 
 
 class BrokerClient:
@@ -171,13 +157,21 @@ class BrokerClient:
 
     # -- flight ------------------------------------------------------------------
 
-    def _outdated(self, acq: Acquisition, meta: dict[str, Any]) -> bool:
-        """A joined result that a new flight should replace: past its refresh
-        point (and not a deliberate stale-if-error answer), or just old."""
+    def _flight_error(self, result: dict[str, Any], task_id: str) -> BrokerError:
+        """The flight's error, with its connect URL unsealed (it holds a live state)."""
+        exc = error_from_dict(result["error"])
+        sealed = result.get("connect_url_sealed")
+        if isinstance(exc, NotConnected) and isinstance(sealed, str) and self.sealer is not None:
+            try:
+                exc.connect_url = self.sealer.open(sealed, connect_url_purpose(task_id)).decode()
+            except DecryptError:
+                exc.connect_url = None
+        return exc
+
+    def _due(self, acq: Acquisition) -> bool:
+        """Past its refresh point, so a resolve of our own should renew it."""
         cred = acq.credential
         point = refresh_point(cred.issued_at, cred.expires_at, self._near, self._fraction)
-        if acq.outcome is Outcome.STALE:
-            return _age(meta) > _STALE_RESULT_SECONDS
         return point is not None and self.clock.now() >= point
 
     def _meta(self, task_id: str) -> dict[str, Any] | None:
@@ -196,6 +190,15 @@ class BrokerClient:
         key = flight_key(user_id, server.key)
         claim_ms = int(self.settings.resolve_timeout * 1000) + 5000
         failures = 0
+
+        def retry(task_id: str) -> None:
+            # Free the pair (only if it still names this task) and go again, boundedly.
+            nonlocal failures
+            failures += 1
+            self.claims.release(key, task_id)
+            if failures > _MAX_FLIGHT_RETRIES:
+                raise ServiceUnavailable("resolve flights kept failing; check the workers")
+
         try:
             while True:
                 if time.monotonic() >= deadline:
@@ -203,7 +206,12 @@ class BrokerClient:
                 task_id = new_task_id()
                 joined = False
                 if self.claims.claim(key, task_id, claim_ms):
-                    self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
+                    try:
+                        self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
+                    except BaseException:
+                        # No task will ever run under this claim: free the pair at once.
+                        self.claims.release(key, task_id)
+                        raise
                     METRICS.inc("credbroker_flights_started_total")
                 else:
                     holder = self.claims.holder(key)
@@ -213,38 +221,37 @@ class BrokerClient:
                         cached = self._from_cache(user_id, server)
                         if cached is not None:
                             return cached
+                        time.sleep(_RECLAIM_PAUSE)
                         continue
                     task_id, joined = holder, True
                     METRICS.inc("credbroker_flight_joins_total")
-                meta = self.waiter.wait(task_id, deadline, lambda t=task_id: self.claims.holder(key) == t)
+                meta, finished_before = self.waiter.wait_joined(
+                    task_id, deadline, lambda t=task_id: self.claims.holder(key) == t)
                 if meta is None:
                     if time.monotonic() >= deadline:
                         raise ResolveTimeout()
                     continue  # the flight vanished (worker lost): claim again
                 result = meta.get("result") if meta.get("status") == "SUCCESS" else None
                 if not isinstance(result, dict) or result.get("superseded"):
-                    failures += 1
-                    self.claims.release(key, task_id)
-                    if failures > _MAX_FLIGHT_RETRIES:
-                        raise BrokerError("resolve flight failed repeatedly")
+                    retry(task_id)
                     continue
+                # A joined flight that had finished before we arrived holds a claim
+                # its worker never released (it died after storing the result): that
+                # result did not answer this call.
+                stale_join = joined and finished_before
                 if "error" in result:
-                    if (result.get("trigger") == "refresh" or (joined and _age(meta) > _STALE_RESULT_SECONDS)) \
-                            and failures < _MAX_FLIGHT_RETRIES:
-                        # A background refresh failed, or a finished flight's claim outlived
-                        # its worker: run a resolve of our own.
-                        failures += 1
-                        self.claims.release(key, task_id)
+                    if result.get("trigger") == "refresh" or stale_join:
+                        retry(task_id)  # a background refresh failed, or an old answer: fly ourselves
                         continue
-                    raise error_from_dict(result["error"])
-                env = open_envelope(self.sealer, result["ok"], result_purpose(task_id))
-                acq = from_envelope(env, user_id, server.key)
-                if joined and failures < _MAX_FLIGHT_RETRIES and self._outdated(acq, meta):
-                    # The claim of a flight that finished earlier was never released
-                    # (its worker died after storing the result): that result is not
-                    # an answer to this call. Free the pair and fly again.
-                    failures += 1
-                    self.claims.release(key, task_id)
+                    raise self._flight_error(result, task_id)
+                try:
+                    acq = from_envelope(open_envelope(self.sealer, result["ok"], result_purpose(task_id)),
+                                        user_id, server.key)
+                except (DecryptError, ValueError, KeyError):
+                    raise BrokerError("flight result could not be opened: check that "
+                                      "CREDBROKER_TRANSPORT_KEY matches the workers'") from None
+                if stale_join and self._due(acq):
+                    retry(task_id)
                     continue
                 return acq
         except BrokerError as exc:
@@ -254,7 +261,3 @@ class BrokerClient:
             exc2 = ServiceUnavailable("Redis unavailable")
             record_failure(self.audit, self.clock, user_id, server, exc2, request_id)
             raise exc2 from None
-        except (DecryptError, ValueError, KeyError):
-            exc3 = BrokerError("flight result could not be opened: check CREDBROKER_TRANSPORT_KEY matches the workers'")
-            record_failure(self.audit, self.clock, user_id, server, exc3, request_id)
-            raise exc3 from None

@@ -178,8 +178,8 @@ class PrivateRedis:
 
     process: subprocess.Popen[bytes]
     port: int
-    url: str
-    folder: Path
+    url: str = field(repr=False)  # holds the password
+    folder: Path = Path(".credbroker")
 
     @property
     def display_url(self) -> str:
@@ -235,7 +235,7 @@ def start_private_redis(folder: Path, *, popen: Callable[..., subprocess.Popen[b
 class Embedded:
     """What ``up`` filled in: the variables for the children and what to tell the user."""
 
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # holds keys
     folder: Path = Path(".credbroker")
     dev_keys: bool = False
     redis: PrivateRedis | None = None

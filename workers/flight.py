@@ -72,7 +72,13 @@ class Claims:
 
 
 class FlightGuard:
-    """Held by a running task: proves it owns the flight and keeps the claim alive."""
+    """Held by a running task: proves it owns the flight and keeps the claim alive.
+
+    ``claims`` should use a Redis client with a short socket timeout: one stalled
+    extension must be noticed before the claim can expire. Once an extension
+    fails or comes too late, ``holds()`` is False for good, and the task must not
+    ask an authorization server for anything (another flight may own the pair).
+    """
 
     def __init__(self, claims: Claims, key: str, task_id: str, ttl_ms: int = FLIGHT_HEARTBEAT_MS) -> None:
         self.claims = claims
@@ -80,24 +86,40 @@ class FlightGuard:
         self.task_id = task_id
         self.ttl_ms = ttl_ms
         self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._confirmed_at = 0.0
         self._thread: threading.Thread | None = None
 
     def enter(self) -> bool:
         """True if this task holds the flight (a superseded redelivery does not)."""
         if not self.claims.acquire_or_confirm(self.key, self.task_id, self.ttl_ms):
             return False
+        self._confirmed_at = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name="flight-heartbeat", daemon=True)
         self._thread.start()
         return True
+
+    def holds(self) -> bool:
+        """Still the pair's one flight: confirmed within most of the claim's TTL."""
+        fresh = time.monotonic() - self._confirmed_at < self.ttl_ms / 1000.0 * 0.75
+        return fresh and not self._lost.is_set()
 
     def _beat(self) -> None:
         interval = self.ttl_ms / 3000.0
         while not self._stop.wait(interval):
             try:
-                if not self.claims.extend(self.key, self.task_id, self.ttl_ms):
-                    return
+                ok = self.claims.extend(self.key, self.task_id, self.ttl_ms)
             except redis.RedisError:
+                # Unknown whether it landed: keep trying while the margin lasts.
                 log.warning("flight heartbeat: Redis unavailable")
+                if not self.holds():
+                    self._lost.set()
+                    return
+                continue
+            if not ok:
+                self._lost.set()
+                return
+            self._confirmed_at = time.monotonic()
 
     def exit(self) -> None:
         self._stop.set()
@@ -121,7 +143,6 @@ class ResultWaiter:
         self._waiters: dict[str, list[threading.Event]] = {}
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._subscribed = threading.Event()
 
     def _ensure_listener(self) -> None:
         with self._lock:
@@ -137,7 +158,6 @@ class ResultWaiter:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(pattern)
-                self._subscribed.set()
                 self._wake_all()  # results may have landed while we were away
                 delay = 0.05
                 while not self._stopped.is_set():
@@ -154,7 +174,6 @@ class ResultWaiter:
                         self._wake(channel[skip:])
             except (redis.RedisError, OSError, ValueError):
                 # Redis went away (or the client is closing): back off, resubscribe.
-                self._subscribed.clear()
                 self._stopped.wait(delay)
                 delay = min(delay * 2, 2.0)
             finally:
@@ -175,27 +194,36 @@ class ResultWaiter:
         for ev in events:
             ev.set()
 
-    def wait(self, task_id: str, deadline: float, still_alive: Callable[[], bool], poll: float = 1.0) -> dict[str, Any] | None:
+    def wait(self, task_id: str, deadline: float, still_alive: Callable[[], bool],
+             poll: float = 1.0) -> dict[str, Any] | None:
         """The task's ready result meta, or None when the deadline passed or the
         flight vanished (``still_alive`` turned False with no result)."""
+        return self.wait_joined(task_id, deadline, still_alive, poll)[0]
+
+    def wait_joined(self, task_id: str, deadline: float, still_alive: Callable[[], bool],
+                    poll: float = 1.0) -> tuple[dict[str, Any] | None, bool]:
+        """Like ``wait``, and also whether the result was already there on the
+        first read (a flight that finished before this caller arrived)."""
         self._ensure_listener()
         ev = threading.Event()
         with self._lock:
             self._waiters.setdefault(task_id, []).append(ev)
+        first = True
         try:
             while True:
                 meta = self.get_meta(task_id)
                 if meta is not None and meta.get("status") in _READY:
-                    return meta
+                    return meta, first
+                first = False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return None
+                    return None, False
                 if ev.wait(min(remaining, poll)):
                     ev.clear()
                     continue
                 if not still_alive():
                     meta = self.get_meta(task_id)
-                    return meta if meta is not None and meta.get("status") in _READY else None
+                    return (meta if meta is not None and meta.get("status") in _READY else None), False
         finally:
             with self._lock:
                 evs = self._waiters.get(task_id, [])

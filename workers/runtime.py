@@ -55,9 +55,11 @@ class Runtime:
     policy: Policy
     clock: Clock
     http: httpx.Client
+    heartbeat_claims: Claims
 
     def close(self) -> None:
         self.http.close()
+        self.heartbeat_claims.client.close()
         self.audit.close()
         self.store.engine.dispose()
         self.redis.close()
@@ -99,8 +101,11 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         connect_url=(lambda u, s: connect.start(u, s).connect_url) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
     )
+    # Flight heartbeats get their own connection with a short timeout, so one
+    # stalled extension is noticed well before the claim could expire.
+    heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
     return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
-                   policy, clock, http)
+                   policy, clock, http, Claims(heartbeat))
 
 
 _lock = threading.Lock()

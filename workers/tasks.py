@@ -18,13 +18,13 @@ from broker.errors import BrokerError, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
 from broker.servers import Mode
 
-from .auditstream import persist_audit_batch, pop_used
+from .auditstream import persist_audit_batch, pop_used, restore_used
 from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
 from .runtime import Runtime, runtime
-from .wire import result_purpose, seal_envelope, to_envelope
+from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
     rt.redis.set(key, seal_envelope(rt.sealer, dict(env, act="inject", out="success", rsn=None), key), px=ttl_ms)
 
 
+def error_result(rt: Runtime, task_id: str, exc: BrokerError, trigger: str) -> dict[str, Any]:
+    """A flight's error as a task result. Error dicts are secret-free except a
+    connect URL, whose state must not sit in Redis, a log line or Flower in the
+    clear: it travels sealed to the caller, bound to this task id."""
+    data = exc.to_dict()
+    out: dict[str, Any] = {"error": data, "trigger": trigger}
+    url = data.get("connect_url")
+    if url and rt.sealer is not None:
+        data["connect_url"] = None
+        out["connect_url_sealed"] = rt.sealer.seal(url.encode(), connect_url_purpose(task_id))
+    return out
+
+
 def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, trigger: str) -> dict[str, Any]:
     """The body of one flight: hold the claim, re-read the store, act, seal."""
     try:
@@ -61,17 +74,17 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
             raise StoreDisabled()
     except BrokerError as exc:
         return {"error": exc.to_dict()}
-    guard = FlightGuard(rt.claims, flight_key(user_id, server.key), task_id)
+    guard = FlightGuard(rt.heartbeat_claims, flight_key(user_id, server.key), task_id)
     if not guard.enter():
         # A redelivered or superseded task: another flight owns the pair now.
         return {"superseded": True}
     try:
         if trigger == "refresh":
-            acq = rt.resolver.renew_if_due(user_id, server_name)
+            acq = rt.resolver.renew_if_due(user_id, server_name, guard=guard.holds)
             if acq is None:
                 return {"error": NoCredential("nothing to refresh").to_dict(), "trigger": "refresh"}
         else:
-            acq = rt.resolver.acquire(user_id, server_name)
+            acq = rt.resolver.acquire(user_id, server_name, guard=guard.holds)
         if acq.action is Action.REFRESH:
             cluster_incr(rt.redis, "credbroker_refreshes_total", trigger="proactive" if trigger == "refresh" else "resolve",
                          outcome=acq.outcome.value)
@@ -83,7 +96,7 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
             rt.redis.delete(cache_key(user_id, server.key))
         return {"ok": seal_envelope(rt.sealer, env, result_purpose(task_id)), "trigger": trigger}
     except BrokerError as exc:
-        return {"error": exc.to_dict(), "trigger": trigger}
+        return error_result(rt, task_id, exc, trigger)
     except Exception as exc:  # noqa: BLE001 - never let Celery store a traceback that might quote a value
         log.error("flight for server %s failed: %s", server_name, type(exc).__name__)
         return {"error": BrokerError().to_dict(), "trigger": trigger}
@@ -91,16 +104,27 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
         guard.exit()
 
 
+def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[str, Any]:
+    try:
+        rt = runtime()
+    except BrokerError as exc:
+        return {"error": exc.to_dict(), "trigger": trigger}
+    except Exception as exc:  # noqa: BLE001 - e.g. a policy module failing to import: no message in Redis
+        log.error("worker runtime could not be built: %s", type(exc).__name__)
+        return {"error": BrokerError().to_dict(), "trigger": trigger}
+    return execute_flight(rt, task_id, user_id, server, trigger)
+
+
 @app.task(name=TASK_RESOLVE, bind=True)
 def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight."""
-    return execute_flight(runtime(), self.request.id, user_id, server, "resolve")
+    return _run_flight(self.request.id, user_id, server, "resolve")
 
 
 @app.task(name=TASK_REFRESH, bind=True)
 def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
-    return execute_flight(runtime(), self.request.id, user_id, server, "refresh")
+    return _run_flight(self.request.id, user_id, server, "refresh")
 
 
 @app.task(name=TASK_REFRESH_DUE)
@@ -114,7 +138,11 @@ def refresh_due() -> dict[str, Any]:
     if not rt.store.enabled:
         return {"skipped": "store disabled"}
     uses = pop_used(rt.redis)
-    rt.store.touch_many([(u, k, datetime.fromtimestamp(t, UTC)) for u, k, t in uses])
+    try:
+        rt.store.touch_many([(u, k, datetime.fromtimestamp(t, UTC)) for u, k, t in uses])
+    except BrokerError:
+        restore_used(rt.redis, uses)  # keep the marks for the next scan
+        raise
     now = rt.clock.now()
     due = rt.store.due(now, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000)
     sent = 0
@@ -125,8 +153,14 @@ def refresh_due() -> dict[str, Any]:
         task_id = new_task_id()
         delay = random.uniform(0, s.refresh_jitter_seconds)
         ttl_ms = int((delay + s.resolve_timeout) * 1000)
-        if rt.claims.claim(flight_key(user_id, server_key), task_id, ttl_ms):
-            app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
+        key = flight_key(user_id, server_key)
+        if rt.claims.claim(key, task_id, ttl_ms):
+            try:
+                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
+            except Exception as exc:  # noqa: BLE001 - one failed send must not strand the pair or the scan
+                rt.claims.release(key, task_id)
+                log.warning("refresh_due: could not send a refresh flight: %s", type(exc).__name__)
+                continue
             sent += 1
     cluster_incr(rt.redis, "credbroker_beat_scans_total")
     cluster_set(rt.redis, "credbroker_credentials_due", len(due))

@@ -15,7 +15,7 @@ from broker.models import Credential, ObtainedVia
 from broker.resolver import Acquisition
 from broker.secret import Secret
 
-__all__ = ["to_envelope", "from_envelope", "seal_envelope", "open_envelope", "result_purpose"]
+__all__ = ["to_envelope", "from_envelope", "seal_envelope", "open_envelope", "result_purpose", "connect_url_purpose"]
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -28,6 +28,10 @@ def _dt(value: Any) -> datetime | None:
 
 def result_purpose(task_id: str) -> str:
     return "result:" + task_id
+
+
+def connect_url_purpose(task_id: str) -> str:
+    return "connect-url:" + task_id
 
 
 def to_envelope(user_id: str, server_key: str, acq: Acquisition) -> dict[str, Any]:

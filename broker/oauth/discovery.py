@@ -43,8 +43,8 @@ def is_allowed_endpoint(url: str) -> bool:
         host = parts.hostname
     except ValueError:
         return False
-    if not host or parts.fragment:
-        return False
+    if not host or parts.fragment or parts.username or parts.password:
+        return False  # userinfo in a URL would be logged by httpx and sent as Basic auth
     if parts.scheme == "https":
         return True
     if parts.scheme != "http":

@@ -21,7 +21,7 @@ from broker.db import make_engine
 from broker.models import CredentialStatus
 from broker.servers import server_key
 from broker.store import CredentialStore
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, read_all_redis, wait_for
 from tests.integration.test_cluster import connect, sign_in, store_of
 from tests.secrets import all_canaries, find_leaks, register
 from workers.metrics import METRICS
@@ -36,27 +36,6 @@ FAST_ENV = {
     "CREDBROKER_REFRESH_JITTER_SECONDS": "0.2",
 }
 LIFETIME = 5
-
-
-def _read_all(r: redis.Redis) -> str:
-    """Every key and value in the database, read with the type's own command."""
-    parts: list[str] = []
-    for key in r.scan_iter(count=1000):
-        kind = r.type(key).decode()
-        parts.append(key.decode(errors="replace"))
-        if kind == "string":
-            parts.append(repr(r.get(key)))
-        elif kind == "hash":
-            parts.append(repr(r.hgetall(key)))
-        elif kind == "list":
-            parts.append(repr(r.lrange(key, 0, -1)))
-        elif kind == "set":
-            parts.append(repr(r.smembers(key)))
-        elif kind == "zset":
-            parts.append(repr(r.zrange(key, 0, -1, withscores=True)))
-        elif kind == "stream":
-            parts.append(repr(r.xrange(key)))
-    return "\n".join(parts)
 
 
 class Monitor(threading.Thread):
@@ -136,8 +115,9 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
                 t.start()
             for t in threads:
                 t.join(60)
+            assert not any(t.is_alive() for t in threads), "a caller thread hung"
             flights_after = METRICS.value("credbroker_resolves_total", outcome="ok", path="flight")
-            during_run = _read_all(c.redis)
+            during_run = read_all_redis(c.redis)
         for tokens in seen.values():
             for tok in tokens:
                 register(tok.removeprefix("Bearer "))
@@ -194,7 +174,7 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
         c.stop()
     assert len(all_canaries()) > 100
     assert find_leaks(during_run) == [], "a token was readable in Redis during the run"
-    assert find_leaks(_read_all(redis.Redis.from_url(c.redis_url))) == [], "a token was readable in Redis after the run"
+    assert find_leaks(read_all_redis(redis.Redis.from_url(c.redis_url))) == [], "a token was readable in Redis after the run"
     assert len(monitor.lines) > 1000
     assert find_leaks("\n".join(monitor.lines)) == [], "a token crossed the wire to Redis in plaintext"
     assert find_leaks(c.all_logs()) == [], "a token appeared in worker, beat or flower logs"

@@ -25,8 +25,8 @@ from broker.models import CredentialStatus, SubjectToken
 from broker.secret import Secret
 from broker.servers import server_key
 from broker.store import CredentialStore
-from tests.cluster import Cluster, wait_for
-from tests.secrets import assert_no_leak, register
+from tests.cluster import Cluster, read_all_redis, wait_for
+from tests.secrets import assert_no_leak, find_leaks, register
 from workers.metrics import METRICS
 
 pytestmark = pytest.mark.integration
@@ -82,6 +82,10 @@ def test_every_mode_end_to_end_and_isolation(cluster: Cluster, sandbox: Any) -> 
             client.resolve("alice", "gh", timeout=20)
         assert info.value.reason == "never_connected"
         assert info.value.connect_url and info.value.connect_url.startswith(sandbox.url + "/authorize?")
+        # the live state in the connect URL is a secret: it crossed Redis sealed
+        state = parse_qs(urlsplit(info.value.connect_url).query)["state"][0]
+        register(state)
+        assert find_leaks(read_all_redis(cluster.redis)) == []
         connect(cluster, "alice")
         gh = client.resolve("alice", "gh", timeout=20)
         assert gh.obtained_via == "connect_flow"

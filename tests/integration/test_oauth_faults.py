@@ -21,7 +21,7 @@ from broker.audit import Action, MemoryAuditSink, Outcome
 from broker.clock import FakeClock
 from broker.connect import ConnectError, ConnectFlow
 from broker.db import make_engine
-from broker.errors import UpstreamError
+from broker.errors import NotConnected, UpstreamError
 from broker.migrate import upgrade
 from broker.models import CredentialStatus, SubjectToken
 from broker.oauth import (
@@ -303,8 +303,9 @@ def test_echoed_refresh_token_is_not_stored_or_shown(h: Harness, client_secret: 
     h.provider.set_fault("token", "echo_secret")
     h.clock.advance(3600)  # past the refresh point (and expiry) of a one-hour token
 
-    with pytest.raises(Exception) as info:
+    with pytest.raises(NotConnected) as info:
         h.resolver.resolve("alice", "gh")
+    assert info.value.reason == "reconnect_required"
 
     assert_clean(info.value, client_secret, refresh_token)
     assert client_secret not in caplog.text and refresh_token not in caplog.text

@@ -42,6 +42,7 @@ def _resolve_all(client: Any, users: list[str]) -> Counter[str]:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a caller thread hung"
     return out
 
 

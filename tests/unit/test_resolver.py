@@ -268,3 +268,19 @@ def test_proactive_renewal_only_when_due(env) -> None:  # type: ignore[no-untype
     renewed = resolver.renew_if_due("alice", "tx")
     assert renewed is not None and len(oauth.calls) == 2
     assert resolver.renew_if_due("alice", "tx") is not None and len(oauth.calls) == 2  # already done
+
+
+def test_a_flight_that_lost_its_claim_asks_no_provider(env) -> None:  # type: ignore[no-untyped-def]
+    from broker.errors import ServiceUnavailable
+
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    clock.advance(500)
+    with pytest.raises(ServiceUnavailable, match="lost its claim"):
+        resolver.acquire("alice", "gh", guard=lambda: False)
+    subject(store, "bob", clock)
+    with pytest.raises(ServiceUnavailable):
+        resolver.acquire("bob", "tx", guard=lambda: False)
+    assert oauth.calls == []
+    assert resolver.acquire("alice", "gh", guard=lambda: True).action.value == "refresh"
