@@ -40,7 +40,7 @@ from broker.audit import Action, AuditEvent, Outcome, SqlAuditLog
 from broker.connect import ConnectError
 from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
 from broker.models import CredentialStatus, StoredCredential, SubjectToken
-from broker.servers import Mode, ServerConfig
+from broker.servers import ServerConfig
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
@@ -59,6 +59,7 @@ from .api_openapi import OPENAPI
 from .api_pages import connected_page, failed_page
 from .client import BrokerClient
 from .constants import cache_key
+from .credentials import remove_credential
 from .metrics import METRICS, render_cluster
 from .runtime import Runtime, build_runtime
 
@@ -246,14 +247,7 @@ async def delete_credential(request: Request) -> Response:
     api = _api(request)
     user_id = validate_user_id(request.path_params["user_id"])
     server = api.rt.servers.get_server(validate_server_name(request.path_params["server"]))
-    if server.mode is Mode.OAUTH_CONNECT and api.rt.connect is not None:
-        # Revokes at the authorization server where configured, then deletes.
-        await run_in_threadpool(api.rt.connect.disconnect, user_id, server.name, _rid(request))
-    else:
-        # Exchange modes: the subject token can mint a new one; nothing to revoke.
-        await run_in_threadpool(api.rt.store.delete, user_id, server.key)
-        api.record(Action.DISCONNECT, Outcome.SUCCESS, user_id, server.name, server.mode.value, None, _rid(request))
-    await run_in_threadpool(api.drop_cache, user_id, server)
+    await run_in_threadpool(remove_credential, api.rt, user_id, server.name, _rid(request))
     return Response(status_code=204)
 
 

@@ -137,25 +137,16 @@ def cmd_credentials_connect(args: argparse.Namespace) -> int:
 
 
 def cmd_credentials_rm(args: argparse.Namespace) -> int:
-    from broker.errors import StoreDisabled
     from broker.validation import validate_server_name, validate_user_id
 
-    from .constants import cache_key
+    from .credentials import remove_credential
 
     configure_logging()
     validate_user_id(args.user, "USER")
     validate_server_name(args.server, "SERVER")
     rt = _runtime()
     try:
-        server = rt.servers.get_server(args.server)
-        if rt.connect is None:
-            raise StoreDisabled()
-        key = cache_key(args.user, server.key)
-        # Cache first: if Redis is down, nothing is deleted and the fast path cannot
-        # keep serving a credential the store no longer has.
-        rt.redis.delete(key)
-        deleted = rt.connect.disconnect(args.user, args.server)  # revokes upstream where configured
-        rt.redis.delete(key)  # again: a flight that finished in between may have re-cached it
+        deleted = remove_credential(rt, args.user, args.server)  # revokes upstream where configured
     finally:
         rt.close()
     if args.json:
