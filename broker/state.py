@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from .crypto import DecryptError, Sealer
 
-__all__ = ["StateStore", "RedisStateStore", "MemoryStateStore", "STATE_PREFIX"]
+__all__ = ["StateStore", "RedisStateStore", "MemoryStateStore", "STATE_PREFIX", "state_key"]
 
 STATE_PREFIX = "credbroker:connect:"
 
@@ -26,7 +26,7 @@ class StateStore(Protocol):
     def take(self, state: str) -> dict[str, Any] | None: ...
 
 
-def _key(state: str) -> str:
+def state_key(state: str) -> str:
     # The Redis key is a hash of the state, so a key listing never shows a live state.
     return STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
 
@@ -39,11 +39,11 @@ class RedisStateStore:
         self.sealer = sealer
 
     def put(self, state: str, data: dict[str, Any], ttl: int) -> None:
-        key = _key(state)
+        key = state_key(state)
         self.redis.set(key, self.sealer.seal_json(data, key), ex=ttl)
 
     def take(self, state: str) -> dict[str, Any] | None:
-        key = _key(state)
+        key = state_key(state)
         raw = self.redis.getdel(key)
         if raw is None:
             return None

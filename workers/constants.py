@@ -29,6 +29,10 @@ AUDIT_STREAM = PREFIX + "audit"
 AUDIT_GROUP = "credbroker-audit"
 AUDIT_STREAM_MAXLEN = 1_000_000  # bounded: a stalled consumer must not eat Redis memory
 
+# The live connect URL handed out for a not-connected (user, server), sealed,
+# so repeated resolves reuse one state instead of minting one per call.
+PENDING_CONNECT_PREFIX = PREFIX + "connect-pending:"
+
 # (user, server_key) -> last use (unix seconds), flushed into SQL by the beat.
 USED_ZSET = PREFIX + "used"
 

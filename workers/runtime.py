@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +18,7 @@ import redis
 
 from broker.clock import Clock, SystemClock
 from broker.connect import ConnectFlow
-from broker.crypto import Sealer
+from broker.crypto import DecryptError, Sealer
 from broker.db import make_engine
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
@@ -26,10 +28,11 @@ from broker.policy import Policy, load_policy
 from broker.resolver import Resolver
 from broker.servers import ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
-from broker.state import RedisStateStore
+from broker.state import RedisStateStore, state_key
 from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
+from .constants import PENDING_CONNECT_PREFIX, pair_id
 from .flight import Claims
 from .metrics import cluster_incr
 
@@ -98,7 +101,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     policy = load_policy(settings.policy)
     resolver = Resolver(
         servers, store, oauth, audit, clock, policy=policy,
-        connect_url=(lambda u, s: connect.start(u, s).connect_url) if connect else None,
+        connect_url=pending_connect_url(client, sealer, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
     )
     # Flight heartbeats get their own connection with a short timeout, so one
@@ -106,6 +109,37 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
     return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
                    policy, clock, http, Claims(heartbeat))
+
+
+def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: ConnectFlow,
+                        ttl_seconds: int) -> Callable[[str, str], str | None]:
+    """Connect URLs for not-connected errors, one live state per (user, server):
+    a gateway retrying a resolve in a loop must not mint a new state each time.
+    A state is reused for the first half of its life, so a link handed out is
+    always good for at least half the TTL."""
+    reuse_seconds = max(1, ttl_seconds // 2)
+
+    def url_for(user_id: str, server_name: str) -> str | None:
+        assert sealer is not None
+        key = PENDING_CONNECT_PREFIX + pair_id(user_id, connect.servers.get_server(server_name).key)
+        try:
+            blob = client.get(key)
+            if blob is not None:
+                pending = sealer.open_json(blob, key)
+                # Reuse only while its state is unused (a callback consumes it).
+                if isinstance(pending, dict) and client.exists(pending["k"]):
+                    return str(pending["u"])
+        except (redis.RedisError, DecryptError, ValueError, KeyError):
+            pass
+        url = connect.start(user_id, server_name).connect_url
+        state = parse_qs(urlsplit(url).query).get("state", [""])[0]
+        try:
+            client.set(key, sealer.seal_json({"u": url, "k": state_key(state)}, key), ex=reuse_seconds)
+        except redis.RedisError:
+            pass
+        return url
+
+    return url_for
 
 
 _lock = threading.Lock()

@@ -60,6 +60,19 @@ def connect(cluster: Cluster, user: str, server: str = "gh") -> None:
         rt.close()
 
 
+def _complete(cluster: Cluster, url: str, user: str) -> None:
+    """Follow a connect URL with consent and hand the callback to the broker."""
+    from workers.runtime import build_runtime
+
+    answer = httpx.get(url + "&consent=approve&user=" + user, follow_redirects=False)
+    q = parse_qs(urlsplit(answer.headers["location"]).query)
+    rt = build_runtime(cluster.settings)
+    try:
+        rt.connect.callback(q["state"][0], q["code"][0])  # type: ignore[union-attr]
+    finally:
+        rt.close()
+
+
 def provider_tokens(sandbox: Any) -> None:
     """Register every token the provider issued, for the leak scans."""
     for req in sandbox.provider.requests("token"):
@@ -86,15 +99,34 @@ def test_every_mode_end_to_end_and_isolation(cluster: Cluster, sandbox: Any) -> 
         state = parse_qs(urlsplit(info.value.connect_url).query)["state"][0]
         register(state)
         assert find_leaks(read_all_redis(cluster.redis)) == []
-        connect(cluster, "alice")
+        # a gateway asking again gets the same live link, not a new state per call
+        with pytest.raises(NotConnected) as again:
+            client.resolve("alice", "gh", timeout=20)
+        assert again.value.connect_url == info.value.connect_url
+        assert len(cluster.redis.keys("credbroker:connect:*")) == 1
+        connect(cluster, "alice")  # a flow of its own: the pending link above stays unused
         gh = client.resolve("alice", "gh", timeout=20)
         assert gh.obtained_via == "connect_flow"
         register(gh.value.reveal()[7:])
         # bob gets nothing of alice's
         with pytest.raises(SubjectTokenMissing):
             client.resolve("bob", "tx", timeout=20)
-        with pytest.raises(NotConnected):
+        with pytest.raises(NotConnected) as bob_nc:
             client.resolve("bob", "gh", timeout=20)
+        # bob follows the link the error carried; once used, the next error carries a new one
+        _complete(cluster, bob_nc.value.connect_url or "", "bob")
+        assert client.resolve("bob", "gh", timeout=20).obtained_via == "connect_flow"
+        from workers.credentials import remove_credential
+        from workers.runtime import build_runtime
+
+        rt = build_runtime(cluster.settings)
+        try:
+            assert remove_credential(rt, "bob", "gh")
+        finally:
+            rt.close()
+        with pytest.raises(NotConnected) as bob_again:
+            client.resolve("bob", "gh", timeout=20)
+        assert bob_again.value.connect_url and bob_again.value.connect_url != bob_nc.value.connect_url
         with pytest.raises(UnknownServer):
             client.resolve("alice", "nope", timeout=20)
         sign_in(cluster, sandbox, "bob")
