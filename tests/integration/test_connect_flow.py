@@ -36,39 +36,19 @@ from broker.oauth import (
     make_http_client,
 )
 from broker.resolver import Resolver
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox, s256
+from broker.sandbox import SandboxHandle, s256
 from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings
 from broker.state import STATE_PREFIX, RedisStateStore
 from broker.store import CredentialStore
 from tests.conftest import make_keyring
-from tests.secrets import canary, register
+from tests.secrets import register
+
+from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
-
-
-class RegisteringProvider(SandboxProvider):
-    """The sandbox provider, registering every token it issues with the secret guard."""
-
-    def mint_access_token(self, **kwargs: Any) -> str:
-        return register(super().mint_access_token(**kwargs))
-
-
-@pytest.fixture
-def client_secret() -> str:
-    return canary("client-secret")
-
-
-@pytest.fixture
-def sandbox(client_secret: str) -> Iterator[SandboxHandle]:
-    provider = RegisteringProvider(clients={"broker-client": client_secret, "public-client": None})
-    with run_sandbox(provider) as handle:
-        yield handle
-    with provider.lock:
-        for token in [*provider.store.refresh, *provider.store.codes]:
-            register(token)
 
 
 def registry(sandbox_url: str, client_secret: str, gh_url: str = "https://gh.upstream.test/mcp") -> ServerRegistry:

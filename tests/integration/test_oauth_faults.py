@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -31,44 +30,21 @@ from broker.oauth import (
     make_http_client,
 )
 from broker.resolver import Resolver
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from broker.sandbox import SandboxHandle
 from broker.secret import Secret
 from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings
 from broker.state import MemoryStateStore
 from broker.store import CredentialStore
 from tests.conftest import make_keyring
-from tests.secrets import assert_no_leak, canary, register
+from tests.secrets import assert_no_leak, register
+
+from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
 FAST = Settings(http_read_timeout=3.0, provider_retry_seconds=5.0, provider_max_attempts=3)
-
-
-class RegisteringProvider(SandboxProvider):
-    """The sandbox provider, registering every token it issues with the secret guard."""
-
-    def issue_subject_token(self, user_id: str, ttl: int = 3600) -> str:
-        return register(super().issue_subject_token(user_id, ttl))
-
-    def mint_access_token(self, **kwargs: Any) -> str:
-        return register(super().mint_access_token(**kwargs))
-
-
-@pytest.fixture
-def client_secret() -> str:
-    return canary("client-secret")
-
-
-@pytest.fixture
-def sandbox(client_secret: str) -> Iterator[SandboxHandle]:
-    provider = RegisteringProvider(clients={"broker-client": client_secret})
-    with run_sandbox(provider) as handle:
-        yield handle
-    with provider.lock:
-        for token in [*provider.store.refresh, *provider.store.codes]:
-            register(token)
 
 
 @pytest.fixture

@@ -37,8 +37,6 @@ from broker.sandbox import (
     JWT_BEARER,
     TOKEN_EXCHANGE,
     SandboxHandle,
-    SandboxProvider,
-    run_sandbox,
 )
 from broker.secret import Secret
 from broker.servers import ServerRegistry, parse_servers
@@ -47,34 +45,11 @@ from broker.store import CredentialStore
 from tests.conftest import make_keyring
 from tests.secrets import canary, register
 
+from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
+
 pytestmark = pytest.mark.integration
 
 REDIRECT_URI = "http://127.0.0.1:9/v1/connect/callback"
-
-
-class RegisteringProvider(SandboxProvider):
-    """The sandbox provider, registering every token it issues with the secret guard."""
-
-    def issue_subject_token(self, user_id: str, ttl: int = 3600) -> str:
-        return register(super().issue_subject_token(user_id, ttl))
-
-    def mint_access_token(self, **kwargs: Any) -> str:
-        return register(super().mint_access_token(**kwargs))
-
-
-@pytest.fixture
-def client_secret() -> str:
-    return canary("client-secret")
-
-
-@pytest.fixture
-def sandbox(client_secret: str) -> Iterator[SandboxHandle]:
-    provider = RegisteringProvider(clients={"broker-client": client_secret, "public-client": None})
-    with run_sandbox(provider) as handle:
-        yield handle
-    with provider.lock:  # refresh tokens and codes, so the guard scans for them too
-        for token in [*provider.store.refresh, *provider.store.codes]:
-            register(token)
 
 
 def registry(sandbox_url: str, client_secret: str, **overrides: dict[str, Any]) -> ServerRegistry:
