@@ -19,7 +19,6 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from broker.audit import Action
 from broker.clock import Clock, SystemClock
 from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
@@ -153,7 +152,7 @@ class BrokerClient:
         cred = acq.credential
         if cred.expires_at is not None and self.clock.now() >= cred.expires_at - self._near:
             return None  # near expiry: take the flight, which renews
-        return dataclasses.replace(acq, action=Action.INJECT)
+        return acq  # the cached copy is already classified as an inject
 
     # -- flight ------------------------------------------------------------------
 
