@@ -37,6 +37,24 @@ class LoopResult:
     count: int
 
 
+def _run_pool(pool: list[threading.Thread], barrier: threading.Barrier, errors: list[BaseException],
+              before_release: Callable[[], object] | None = None) -> float:
+    """Start the threads, release them together at the barrier, wait: seconds taken.
+    A worker's exception is raised here."""
+    for t in pool:
+        t.start()
+    if before_release is not None:
+        before_release()
+    started = time.perf_counter()
+    barrier.wait()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
 def run_loop(op: Callable[[int, int], object], threads: int, seconds: float) -> LoopResult:
     """Call ``op(thread_index, i)`` back to back from ``threads`` threads for
     ``seconds``; every call is timed."""
@@ -63,16 +81,11 @@ def run_loop(op: Callable[[int, int], object], threads: int, seconds: float) -> 
             errors.append(exc)
 
     pool = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
-    for t in pool:
-        t.start()
-    stop_at[0] = time.perf_counter() + seconds
-    started = time.perf_counter()
-    barrier.wait()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+
+    def set_stop() -> None:
+        stop_at[0] = time.perf_counter() + seconds
+
+    elapsed = _run_pool(pool, barrier, errors, before_release=set_stop)
     flat = [x for lat in samples for x in lat]
     return LoopResult(percentile(flat, 50), percentile(flat, 99), len(flat) / elapsed, len(flat))
 
@@ -125,14 +138,6 @@ def run_batch(op: Callable[[Item], object], items: Sequence[Item], threads: int)
             latencies.extend(mine)
 
     pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    started = time.perf_counter()
-    barrier.wait()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+    elapsed = _run_pool(pool, barrier, errors)
     return BatchResult(len(items) / elapsed, percentile(latencies, 50), percentile(latencies, 99), len(items),
                        elapsed)

@@ -20,7 +20,8 @@ from .clock import utcnow
 from .db import audit_events as A
 from .errors import ServiceUnavailable
 
-__all__ = ["Action", "Outcome", "AuditEvent", "AuditSink", "SqlAuditLog", "MemoryAuditSink", "reason_code"]
+__all__ = ["Action", "Outcome", "AuditEvent", "AuditSink", "SqlAuditLog", "MemoryAuditSink", "reason_code",
+           "record_event"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,17 @@ class AuditEvent:
 
 class AuditSink(Protocol):
     def record(self, events: Iterable[AuditEvent]) -> None: ...
+
+
+def record_event(sink: AuditSink, ts: datetime, action: Action, outcome: Outcome, *, user_id: str | None,
+                 server: str | None, method: str | None, reason: str | None = None,
+                 request_id: str | None = None) -> None:
+    """Record one event; an audit outage is logged and never fails the audited call."""
+    try:
+        sink.record([AuditEvent(action=action, outcome=outcome, user_id=user_id, server=server, method=method,
+                                reason=reason, request_id=request_id, ts=ts)])
+    except Exception as exc:  # noqa: BLE001
+        log.warning("audit record failed: %s", type(exc).__name__)
 
 
 class MemoryAuditSink:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from .audit import Action, AuditEvent, AuditSink, Outcome
+from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .errors import BrokerError, InvalidRequest, UpstreamError
 from .models import Credential, CredentialStatus
@@ -90,9 +90,8 @@ class ConnectFlow:
 
     def _audit(self, outcome: Outcome, user_id: str | None, server: str | None, reason: str | None = None,
                action: Action = Action.CONNECT, request_id: str | None = None) -> None:
-        self.audit.record([AuditEvent(action=action, outcome=outcome, user_id=user_id, server=server,
-                                      method="connect", reason=reason, request_id=request_id,
-                                      ts=self.clock.now())])
+        record_event(self.audit, self.clock.now(), action, outcome, user_id=user_id, server=server,
+                     method="connect", reason=reason, request_id=request_id)
 
     def start(self, user_id: str, server_name: str) -> ConnectStart:
         server = self.servers.get_server(server_name)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from .audit import Action, AuditEvent, AuditSink, Outcome
+from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .connect import OAuthPort
 from .errors import BrokerError, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
@@ -46,7 +46,6 @@ class Resolved:
     token_type: str
     expires_at: datetime | None
     obtained_via: str
-    refresh_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The contract's resolve body; the header value is revealed here only."""
@@ -117,8 +116,7 @@ class Resolver:
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
-        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
-                      self.near_expiry, self.refresh_fraction)
+        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id)
 
     def acquire(self, user_id: str, server_name: str, *, guard: Guard | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
@@ -128,20 +126,18 @@ class Resolver:
         return Acquisition(result.credential, result.action, result.outcome, result.reason)
 
     def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive",
-                     lead: timedelta = timedelta(0), guard: Guard | None = None) -> Acquisition | None:
+                     guard: Guard | None = None) -> Acquisition | None:
         """Proactive refresh: renew only if the refresh point has passed.
 
         Re-reads the store first, so a refresh another flight already made is
-        never repeated. ``lead`` renews that much before the refresh point, so
-        the new credential is in place before any cached copy runs out. No
-        policy runs: nothing is handed to a caller.
+        never repeated. No policy runs: nothing is handed to a caller.
         """
         server = self.servers.get_server(server_name)
         now = self.clock.now()
         stored = self.store.get(user_id, server.key)
         if stored is None or stored.status is CredentialStatus.NEEDS_RECONNECT:
             return None
-        if not self._due(stored.credential, now + lead):
+        if not self._due(stored.credential, now):
             return Acquisition(stored.credential, Action.INJECT)
         try:
             result = self._renew(user_id, server, stored, now, guard=guard)
@@ -281,8 +277,7 @@ class Resolver:
         _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
 
 
-def resolved_from(server: ServerConfig, cred: Credential, near_expiry: timedelta = timedelta(seconds=60),
-                  refresh_fraction: float = 0.8) -> Resolved:
+def resolved_from(server: ServerConfig, cred: Credential) -> Resolved:
     """The header to inject for a credential, per the server's header config."""
     cfg = server.auth_broker
     return Resolved(
@@ -292,20 +287,18 @@ def resolved_from(server: ServerConfig, cred: Credential, near_expiry: timedelta
         token_type=cred.token_type,
         expires_at=cred.expires_at,
         obtained_via=cred.obtained_via.value,
-        refresh_at=refresh_point(cred.issued_at, cred.expires_at, near_expiry, refresh_fraction),
     )
 
 
 def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
-           acquisition: Acquisition, request_id: str | None, near_expiry: timedelta = timedelta(seconds=60),
-           refresh_fraction: float = 0.8) -> Resolved:
+           acquisition: Acquisition, request_id: str | None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
     method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
-        resolved = resolved_from(server, cred, near_expiry, refresh_fraction)
+        resolved = resolved_from(server, cred)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
         _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)
@@ -323,11 +316,8 @@ def record_failure(audit: AuditSink, clock: Clock, user_id: str, server: ServerC
 
 def _record(audit: AuditSink, clock: Clock, action: Action, outcome: Outcome, user_id: str, server: ServerConfig,
             method: str, reason: str | None, request_id: str | None) -> None:
-    try:
-        audit.record([AuditEvent(action=action, outcome=outcome, user_id=user_id, server=server.name,
-                                 method=method, reason=reason, request_id=request_id, ts=clock.now())])
-    except Exception as exc:  # noqa: BLE001 - an audit outage must not fail a resolve
-        log.warning("audit record failed: %s", type(exc).__name__)
+    record_event(audit, clock.now(), action, outcome, user_id=user_id, server=server.name, method=method,
+                 reason=reason, request_id=request_id)
 
 
 # Called just before an authorization server is asked for a token: False means

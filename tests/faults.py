@@ -3,7 +3,6 @@ backing service off and let it back, all on loopback."""
 
 from __future__ import annotations
 
-import os
 import selectors
 import shutil
 import signal

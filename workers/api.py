@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker.audit import Action, AuditEvent, Outcome, SqlAuditLog
+from broker.audit import Action, Outcome, SqlAuditLog, record_event
 from broker.connect import ConnectError
 from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
 from broker.models import CredentialStatus, StoredCredential, SubjectToken
@@ -86,7 +86,8 @@ class _Api:
         self.settings = settings
         self.rt: Runtime = build_runtime(settings)
         self.owns_client = client is None
-        self.client = client if client is not None else BrokerClient(settings=settings)
+        self.client = client if client is not None else BrokerClient(
+            settings=settings, connection=self.rt.redis, audit=self.rt.audit)
         self.audit_log = SqlAuditLog(self.rt.store.engine)
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
 
@@ -103,12 +104,8 @@ class _Api:
 
     def record(self, action: Action, outcome: Outcome, user_id: str, server: str | None, method: str,
                reason: str | None, request_id: str) -> None:
-        try:
-            self.rt.audit.record([AuditEvent(action=action, outcome=outcome, user_id=user_id, server=server,
-                                             method=method, reason=reason, request_id=request_id,
-                                             ts=self.rt.clock.now())])
-        except Exception as exc:  # noqa: BLE001 - an audit outage must not fail the call
-            log.warning("audit record failed: %s", type(exc).__name__)
+        record_event(self.rt.audit, self.rt.clock.now(), action, outcome, user_id=user_id, server=server,
+                     method=method, reason=reason, request_id=request_id)
 
     def drop_cache(self, user_id: str, server: ServerConfig) -> None:
         """Clients must stop serving a credential that was replaced or removed."""

@@ -66,6 +66,8 @@ class BrokerClient:
         settings: Settings | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Clock | None = None,
+        connection: redis.Redis | None = None,
+        audit: StreamAuditSink | None = None,
     ) -> None:
         s = settings or load_settings(environ)
         changes: dict[str, Any] = {}
@@ -86,11 +88,14 @@ class BrokerClient:
         self.policy: Policy = load_policy(policy) if isinstance(policy, str) or policy is None else policy
         if policy is None and self.settings.policy:
             self.policy = load_policy(self.settings.policy)
-        self.redis = redis_client(self.settings)
+        # A process that already has a Redis pool and audit sink (the API) shares them.
+        self._owns_connection = connection is None
+        self.redis = connection if connection is not None else redis_client(self.settings)
         self.claims = Claims(self.redis)
         self.celery = make_celery(self.settings)
         self.waiter = ResultWaiter(self.redis, self._meta)
-        self.audit = StreamAuditSink(self.redis)
+        self._owns_audit = audit is None
+        self.audit = audit if audit is not None else StreamAuditSink(self.redis)
         self._near = timedelta(seconds=self.settings.near_expiry_seconds)
         self._fraction = self.settings.refresh_fraction
 
@@ -112,8 +117,7 @@ class BrokerClient:
                 path = "flight"
                 deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
                 acq = self._from_flight(user_id, srv, deadline, request_id)
-            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id,
-                              self._near, self._fraction)
+            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id)
             self.audit.mark_used(user_id, srv.key)
         except BrokerError as exc:
             METRICS.inc("credbroker_resolves_total", outcome=exc.code, path=path)
@@ -124,9 +128,11 @@ class BrokerClient:
 
     def close(self) -> None:
         self.waiter.close()
-        self.audit.close()
+        if self._owns_audit:
+            self.audit.close()
         self.celery.close()
-        self.redis.close()
+        if self._owns_connection:
+            self.redis.close()
 
     def __enter__(self) -> BrokerClient:
         return self

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+__all__ = [
+    "PREFIX", "CACHE_PREFIX", "CACHE_MAX_SECONDS", "STALE_CACHE_SECONDS", "FLIGHT_PREFIX", "FLIGHT_HEARTBEAT_MS",
+    "TASK_ID_PREFIX", "RESULT_CHANNEL_PREFIX", "AUDIT_STREAM", "AUDIT_GROUP", "AUDIT_STREAM_MAXLEN",
+    "PENDING_CONNECT_PREFIX", "USED_ZSET", "BEAT_LOCK", "CLIENT_FLUSH_SECONDS", "pair_id", "cache_key", "flight_key",
+]
+
 PREFIX = "credbroker:"
 
 # Sealed copy of a fresh credential for the fast path; lives until the

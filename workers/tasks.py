@@ -26,6 +26,8 @@ from .metrics import cluster_incr, cluster_set
 from .runtime import Runtime, runtime
 from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
+__all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
+
 log = logging.getLogger(__name__)
 
 

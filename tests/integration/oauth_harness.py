@@ -4,14 +4,22 @@ client secret, and every token it issues registered with the secret guard."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.clock import FakeClock
+from broker.db import make_engine
+from broker.migrate import upgrade
 from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from broker.store import CredentialStore
+from tests.conftest import make_keyring
 from tests.secrets import canary, register
 
-__all__ = ["RegisteringProvider", "client_secret", "sandbox"]
+__all__ = ["CALLBACK_URL", "RegisteringProvider", "client_secret", "sandbox", "store"]
+
+CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
 
 
 class RegisteringProvider(SandboxProvider):
@@ -37,3 +45,12 @@ def sandbox(client_secret: str) -> Iterator[SandboxHandle]:
     with provider.lock:  # refresh tokens and codes, so the guard scans for them too
         for token in [*provider.store.refresh, *provider.store.codes]:
             register(token)
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Iterator[CredentialStore]:
+    """An encrypted store on a fresh SQLite file, on the test's fake clock."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade(engine)
+    yield CredentialStore(engine, make_keyring("A"), clock=clock)
+    engine.dispose()

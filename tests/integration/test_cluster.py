@@ -27,7 +27,6 @@ from broker.servers import server_key
 from broker.store import CredentialStore
 from tests.cluster import Cluster, read_all_redis, wait_for
 from tests.secrets import assert_no_leak, find_leaks, register
-from workers.metrics import METRICS
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

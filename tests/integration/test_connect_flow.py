@@ -12,7 +12,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,9 +24,7 @@ from broker.audit import Action, MemoryAuditSink, Outcome
 from broker.clock import FakeClock
 from broker.connect import ConnectError, ConnectFlow, ConnectResult
 from broker.crypto import Sealer
-from broker.db import make_engine
 from broker.errors import InvalidRequest, NotConnected, UpstreamError
-from broker.migrate import upgrade
 from broker.models import CredentialStatus, ObtainedVia
 from broker.oauth import (
     MetadataCache,
@@ -44,11 +41,11 @@ from broker.store import CredentialStore
 from tests.conftest import make_keyring
 from tests.secrets import register
 
-from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
+from tests.integration.oauth_harness import (  # noqa: F401 - fixtures
+    CALLBACK_URL, RegisteringProvider, client_secret, sandbox, store)
 
 pytestmark = pytest.mark.integration
 
-CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
 
 
 def registry(sandbox_url: str, client_secret: str, gh_url: str = "https://gh.upstream.test/mcp") -> ServerRegistry:
@@ -83,14 +80,6 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[CredentialStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    upgrade(engine)
-    yield CredentialStore(engine, make_keyring("A"), clock=clock)
-    engine.dispose()
 
 
 @pytest.fixture

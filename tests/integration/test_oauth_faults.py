@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from http.client import HTTPConnection
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -19,9 +17,7 @@ import pytest
 from broker.audit import Action, MemoryAuditSink, Outcome
 from broker.clock import FakeClock
 from broker.connect import ConnectError, ConnectFlow
-from broker.db import make_engine
 from broker.errors import NotConnected, UpstreamError
-from broker.migrate import upgrade
 from broker.models import CredentialStatus, SubjectToken
 from broker.oauth import (
     MetadataCache,
@@ -36,14 +32,13 @@ from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings
 from broker.state import MemoryStateStore
 from broker.store import CredentialStore
-from tests.conftest import make_keyring
 from tests.secrets import assert_no_leak, register
 
-from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
+from tests.integration.oauth_harness import (  # noqa: F401 - fixtures
+    CALLBACK_URL, RegisteringProvider, client_secret, sandbox, store)
 
 pytestmark = pytest.mark.integration
 
-CALLBACK_URL = "http://127.0.0.1:18080/v1/connect/callback"
 FAST = Settings(http_read_timeout=3.0, provider_retry_seconds=5.0, provider_max_attempts=3)
 
 
@@ -59,14 +54,6 @@ def servers(sandbox: SandboxHandle, client_secret: str) -> ServerRegistry:
          "auth_broker": {"mode": "token_exchange", "issuer": sandbox.url, "client_id": "broker-client",
                          "client_secret": client_secret}},
     ]})
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[CredentialStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    upgrade(engine)
-    yield CredentialStore(engine, make_keyring("A"), clock=clock)
-    engine.dispose()
 
 
 class Harness:

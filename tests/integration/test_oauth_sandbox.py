@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import timedelta
 from http.client import HTTPConnection
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,9 +19,7 @@ import pytest
 
 from broker.audit import Action, MemoryAuditSink, Outcome
 from broker.clock import FakeClock
-from broker.db import make_engine
 from broker.errors import NotConnected, UpstreamError
-from broker.migrate import upgrade
 from broker.models import Credential, CredentialStatus, ObtainedVia, SubjectToken
 from broker.oauth import (
     MetadataCache,
@@ -42,10 +39,10 @@ from broker.secret import Secret
 from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings
 from broker.store import CredentialStore
-from tests.conftest import make_keyring
 from tests.secrets import canary, register
 
-from tests.integration.oauth_harness import RegisteringProvider, client_secret, sandbox  # noqa: F401
+from tests.integration.oauth_harness import (  # noqa: F401 - fixtures
+    CALLBACK_URL, RegisteringProvider, client_secret, sandbox, store)
 
 pytestmark = pytest.mark.integration
 
@@ -79,14 +76,6 @@ def http() -> Iterator[httpx.Client]:
 
 def make_oauth(http: httpx.Client, clock: Any = None) -> OAuthClient:
     return OAuthClient(TokenEndpointSender(http, retry_seconds=2, max_attempts=2), MetadataCache(), clock)
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[CredentialStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    upgrade(engine)
-    yield CredentialStore(engine, make_keyring("A"), clock=clock)
-    engine.dispose()
 
 
 def browser_get(url: str) -> tuple[int, str]:

@@ -78,7 +78,7 @@ def test_per_user_isolation_with_odd_user_ids(store: CredentialStore) -> None:
     written = {}
     for user in USERS:
         for server in ("k1", "k2"):
-            written[(user, server)] = cred(f"iso")
+            written[(user, server)] = cred("iso")
             store.put(user, server, written[(user, server)])
     for user in USERS:
         listing = store.list(user)
