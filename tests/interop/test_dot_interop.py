@@ -34,7 +34,8 @@ from workers.api import create_app
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 
 SERVER = "dot"
-USERS = ["alice", "bob", "carol", "dave"]
+DISCOVERED = "dot-issuer"  # the same DOT, known only by its issuer (RFC 8414 metadata)
+USERS = ["alice", "bob", "carol", "dave", "erin"]
 PASSWORD = "interop-password-not-a-broker-secret"
 REFRESH_CYCLES = 5
 # What an RFC 6749 §6 refresh grant with client_secret_post carries: no scope.
@@ -47,16 +48,20 @@ def fingerprint(token: str) -> str:
 
 
 def dot_servers(dot_url: str, client_secret: str) -> list[dict[str, Any]]:
-    """The broker's whole knowledge of DOT: one servers-file entry."""
-    return [{"name": SERVER, "url": "https://dot.upstream.test/mcp", "auth_broker": {
-        "mode": "oauth_connect",
-        "authorization_endpoint": f"{dot_url}/o/authorize/",
-        "token_endpoint": f"{dot_url}/o/token/",
-        "revocation_endpoint": f"{dot_url}/o/revoke_token/",
-        "client_id": "credential-broker",
-        "client_secret": client_secret,
-        "scopes": ["read", "write"],
-    }}]
+    """The broker's whole knowledge of DOT: servers-file entries, nothing else."""
+    client = {"mode": "oauth_connect", "client_id": "credential-broker", "client_secret": client_secret,
+              "scopes": ["read", "write"]}
+    return [
+        {"name": SERVER, "url": "https://dot.upstream.test/mcp", "auth_broker": {
+            **client,
+            "authorization_endpoint": f"{dot_url}/o/authorize/",
+            "token_endpoint": f"{dot_url}/o/token/",
+            "revocation_endpoint": f"{dot_url}/o/revoke_token/",
+        }},
+        {"name": DISCOVERED, "url": "https://dot-issuer.upstream.test/mcp", "auth_broker": {
+            **client, "issuer": dot_url,
+        }},
+    ]
 
 
 @dataclass
@@ -65,36 +70,36 @@ class Interop:
     cluster: Cluster
     api: Api
     store: CredentialStore
-    server_key: str
+    server_keys: dict[str, str]
     # Tokens seen in this test, registered with the secret guard when it ends
     # (not at once: the API's own leak check would refuse a stale token served twice).
     seen: list[str]
 
-    def connect(self, user: str) -> httpx.Response:
+    def connect(self, user: str, server: str = SERVER) -> httpx.Response:
         """POST /v1/connect, then the user's browser through DOT and back."""
-        started = self.api("POST", "/v1/connect", json={"user_id": user, "server": SERVER})
+        started = self.api("POST", "/v1/connect", json={"user_id": user, "server": server})
         assert started.status_code == 200, started.text
         return complete_connect(started.json()["connect_url"], dot_url=self.dot.url, username=user,
                                 password=PASSWORD)
 
-    def tokens(self, user: str) -> tuple[str, str]:
-        """The (access, refresh) tokens the broker holds for ``user``, registered as secrets."""
-        stored = self.store.get(user, self.server_key)
+    def tokens(self, user: str, server: str = SERVER) -> tuple[str, str]:
+        """The (access, refresh) tokens the broker holds for ``user``."""
+        stored = self.store.get(user, self.server_keys[server])
         assert stored is not None and stored.credential.refresh_token is not None
         access = stored.credential.access_token.reveal()
         refresh = stored.credential.refresh_token.reveal()
         self.seen += [access, refresh]
         return access, refresh
 
-    def resolve_token(self, user: str) -> str:
-        r = self.api.resolve(user, SERVER)
+    def resolve_token(self, user: str, server: str = SERVER) -> str:
+        r = self.api.resolve(user, server)
         assert r.status_code == 200, r.text
         access = r.json()["value"].removeprefix("Bearer ")
         self.seen.append(access)
         return access
 
-    def status(self, user: str) -> str:
-        return str(self.api.listing(user)[SERVER]["status"])
+    def status(self, user: str, server: str = SERVER) -> str:
+        return str(self.api.listing(user)[server]["status"])
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +122,10 @@ def interop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Interop]:
         served = Served(create_app(cluster.settings), sock)
         engine = make_engine(cluster.settings.database_url)
         store = CredentialStore(engine, cluster.settings.keyring)
-        server_key = servers_from_settings(cluster.settings).get_server(SERVER).key
+        registry = servers_from_settings(cluster.settings)
+        server_keys = {name: registry.get_server(name).key for name in (SERVER, DISCOVERED)}
         with Api(served.url) as api:
-            yield Interop(dot, cluster, api, store, server_key, [])
+            yield Interop(dot, cluster, api, store, server_keys, [])
         engine.dispose()
         assert_no_leak(cluster.all_logs(), "worker logs")
         assert_no_leak(dot.log(), "DOT's log")
@@ -215,18 +221,33 @@ def test_disconnect_revokes_at_dot(interop: Interop) -> None:
 
 def test_revoked_grant_gets_one_invalid_grant_then_needs_reconnect(interop: Interop) -> None:
     interop.connect("dave")
-    interop.resolve_token("dave")  # one good refresh first: the grant worked
+    last_good = interop.resolve_token("dave")  # one good refresh first: the grant worked
     assert interop.dot.revoke_grants("dave") == 1  # the user revokes the app at DOT
 
-    after_revoke = interop.api.resolve("dave", SERVER)
-    assert after_revoke.status_code in (200, 409), after_revoke.text
+    responses = [interop.api.resolve("dave", SERVER) for _ in range(6)]
 
     refreshes = interop.dot.refreshes("dave")
     assert [(r["status"], r.get("error")) for r in refreshes] == [(200, None), (400, "invalid_grant")]
     assert interop.status("dave") == "needs_reconnect"
-    for _ in range(5):
-        r = interop.api.resolve("dave", SERVER)
-        # The still-valid token (stale) or "reconnect": never another call to DOT.
-        assert r.status_code == 200 or r.json()["reason"] == "reconnect_required", r.text
-    assert len(interop.dot.refreshes("dave")) == 2
-    assert interop.status("dave") == "needs_reconnect"
+    for r in responses:
+        # The still-valid token served stale, or "reconnect": never another call to DOT.
+        if r.status_code == 200:
+            assert r.json()["value"] == f"Bearer {last_good}"
+        else:
+            assert (r.status_code, r.json()["reason"]) == (409, "reconnect_required"), r.text
+
+
+def test_issuer_only_config_discovers_dot_and_refreshes_and_revokes(interop: Interop) -> None:
+    interop.connect("erin", DISCOVERED)
+    assert interop.status("erin", DISCOVERED) == "connected"
+    access = interop.resolve_token("erin", DISCOVERED)
+    assert interop.dot.whoami(access).status_code == 200
+    (refresh,) = interop.dot.refreshes("erin")
+    assert refresh["status"] == 200 and refresh["fields"] == REFRESH_FIELDS
+    before = len(interop.dot.records())
+
+    assert interop.api("DELETE", f"/v1/users/erin/credentials/{DISCOVERED}").status_code == 204
+
+    revocations = [r for r in interop.dot.records()[before:] if r["endpoint"] == "revoke"]
+    assert [r["status"] for r in revocations] == [200, 200]
+    assert interop.dot.whoami(access).status_code == 403
