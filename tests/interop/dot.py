@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -131,24 +132,63 @@ def _sign_in(browser: httpx.Client, dot_url: str, username: str, password: str) 
     assert done.status_code == 302, f"login failed for {username}: {done.status_code}"
 
 
+class _PostForm(HTMLParser):
+    """The first ``<form method="post">`` of a page: its action and the fields a
+    browser would submit (inputs with a name, and the first named submit button)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self._inside = False
+        self._done = False
+        self._button = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form" and not self._done and a.get("method", "get").lower() == "post":
+            self._inside, self.action = True, a.get("action", "")
+        elif self._inside and tag in ("input", "button") and a.get("name"):
+            kind = a.get("type", "submit" if tag == "button" else "text").lower()
+            if kind == "submit":
+                if not self._button:
+                    self._button = True
+                    self.fields[a["name"]] = a.get("value", "")
+            elif kind not in ("checkbox", "radio") or "checked" in a:
+                self.fields[a["name"]] = a.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form" and self._inside:
+            self._inside, self._done = False, True
+
+
 def complete_connect(connect_url: str, *, dot_url: str, username: str, password: str,
                      max_hops: int = 8) -> httpx.Response:
     """The user's browser for the whole connect flow; returns the broker's last page.
 
     Signs in at DOT (cookie jar + CSRF), opens the broker's connect URL and
     follows redirects by hand across both origins (the broker and DOT) to the
-    broker's callback. Keep every browser step here: the broker's side of the
-    flow (a cookie set at link start, a confirm POST) changes in this one place.
+    broker's callback; a page of the broker's that asks to confirm with a POST
+    form is submitted, as the user would click it. Keep every browser step
+    here: the broker's side of the flow changes in this one place.
     """
+    dot_origin = urlsplit(dot_url).netloc
     with httpx.Client(timeout=20, trust_env=False, follow_redirects=False) as browser:
         _sign_in(browser, dot_url, username, password)
         response = browser.get(connect_url)
         for _ in range(max_hops):
-            if response.status_code not in (301, 302, 303, 307, 308):
+            if response.status_code in (301, 302, 303, 307, 308):
+                target = urljoin(str(response.url), response.headers["location"])
+                assert urlsplit(target).hostname == "127.0.0.1", "the flow left loopback"
+                response = browser.get(target)
+                continue
+            form = _PostForm()
+            if response.status_code == 200 and response.url.netloc.decode() != dot_origin:
+                form.feed(response.text)
+            if form.action is None:
                 break
-            target = urljoin(str(response.url), response.headers["location"])
-            assert urlsplit(target).hostname == "127.0.0.1", "the flow left loopback"
-            response = browser.get(target)
+            response = browser.post(urljoin(str(response.url), form.action), data=form.fields,
+                                    headers={"Referer": str(response.url)})
         else:
-            raise AssertionError(f"more than {max_hops} redirects")
+            raise AssertionError(f"more than {max_hops} redirects or forms")
         return response
