@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Mode",
     "ClientAuth",
+    "RefreshScope",
     "AuthBrokerConfig",
     "ServerConfig",
     "ServerRegistry",
@@ -58,6 +59,13 @@ class Mode(StrEnum):
 class ClientAuth(StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
+
+
+class RefreshScope(StrEnum):
+    """Whether the refresh grant carries ``scope`` (RFC 6749 section 6)."""
+
+    OMIT = "omit"  # the default: the new token keeps the originally granted scope
+    CONFIGURED = "configured"  # send the configured scopes (Microsoft Entra v2 expects them)
 
 
 def server_key(name: str, url: str) -> str:
@@ -83,6 +91,13 @@ class AuthBrokerConfig:
     requested_token_type: str = ACCESS_TOKEN_TYPE
     header: str = DEFAULT_HEADER
     header_format: str = DEFAULT_HEADER_FORMAT
+    refresh_scope: RefreshScope = RefreshScope.OMIT
+    # Lifetime assumed when a token response has no expires_in (Salesforce,
+    # Zendesk); None: the token is treated as never expiring.
+    default_lifetime_seconds: int | None = None
+    # Refresh tokens that die of disuse (Google, Atlassian, Microsoft): the beat
+    # renews an idle connect credential before this much time passes unused.
+    refresh_token_idle_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,7 @@ _AUTH_FIELDS = frozenset(
         "mode", "token_endpoint", "authorization_endpoint", "revocation_endpoint",
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
+        "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -172,7 +188,16 @@ def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, 
     return Secret(value)
 
 
-def _choice(enum: type[Mode] | type[ClientAuth], value: object, label: str, field: str) -> object:
+def _positive_seconds(raw: Mapping[str, object], key: str, label: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10 * 365 * 86400:
+        raise field_error(label, f"auth_broker.{key}", "must be a whole number of seconds between 1 and 10 years")
+    return value
+
+
+def _choice(enum: type[Mode] | type[ClientAuth] | type[RefreshScope], value: object, label: str, field: str) -> object:
     try:
         return enum(value)
     except (ValueError, TypeError):
@@ -239,6 +264,11 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
         header=check_header(text("header"), label, "auth_broker.header"),
         header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+        refresh_scope=RefreshScope(
+            _choice(RefreshScope, raw.get("refresh_scope") or RefreshScope.OMIT, label, "auth_broker.refresh_scope")
+        ),
+        default_lifetime_seconds=_positive_seconds(raw, "default_lifetime_seconds", label),
+        refresh_token_idle_seconds=_positive_seconds(raw, "refresh_token_idle_seconds", label),
     )
 
 

@@ -141,7 +141,8 @@ class OAuthClient:
         cfg = self.endpoints(server)
         req = forms.refresh_request(cfg, credential.refresh_token)
         # Without a scope parameter the server grants the original scopes.
-        scopes = cfg.scopes or credential.scopes
+        sent_scope = "scope" in req.form
+        scopes = cfg.scopes if sent_scope else (credential.scopes or cfg.scopes)
         renewed = self._token(
             req, obtained_via=credential.obtained_via, scopes=scopes,
             audience=credential.audience or cfg.audience or cfg.resource,

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError
 from ..secret import Secret
-from ..servers import AuthBrokerConfig, ClientAuth
+from ..servers import AuthBrokerConfig, ClientAuth, RefreshScope
 
 __all__ = [
     "TokenRequest",
@@ -173,11 +173,15 @@ def authorization_code_request(
 def refresh_request(cfg: AuthBrokerConfig, refresh_token: Secret) -> TokenRequest:
     """Refresh-token grant (RFC 6749 §6).
 
-    ``scope`` is sent only when configured: omitted, the server grants the
-    scopes originally granted, which is what a configless refresh should do.
+    ``scope`` is omitted by default: the new token then carries the scope
+    originally granted. Sending the configured scopes breaks on servers that
+    check them against the grant (``invalid_scope`` from a certified server
+    whose consent narrowed them), so it is opt-in per server
+    (``refresh_scope: configured``, which Microsoft Entra v2 expects).
+    ``resource`` (RFC 8707) is sent when configured.
     """
     form = {"grant_type": GRANT_REFRESH_TOKEN, "refresh_token": refresh_token.reveal()}
-    if cfg.scopes:
+    if cfg.scopes and cfg.refresh_scope is RefreshScope.CONFIGURED:
         form["scope"] = " ".join(cfg.scopes)
     if cfg.resource:
         form["resource"] = cfg.resource
