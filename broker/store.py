@@ -26,6 +26,7 @@ from .crypto import DecryptError, Keyring, record_ad
 from .db import credentials as T
 from .db import subject_tokens as S
 from .errors import ServiceUnavailable, StoreDisabled
+from .events import announce, announce_removed
 from .models import Credential, CredentialStatus, ObtainedVia, StoredCredential, SubjectToken, refresh_point
 from .secret import Secret
 
@@ -207,6 +208,7 @@ class CredentialStore:
                 if result.rowcount != 1:
                     return None
                 new_version = expected_version + 1
+            announce(conn, user_id, server_key, now)
         return StoredCredential(user_id, server_key, credential, status, new_version, now,
                                 last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure)
 
@@ -240,6 +242,7 @@ class CredentialStore:
                     status=status.value, failure=failure, updated_at=self.clock.now(), version=T.c.version + 1
                 )
             )
+            announce(conn, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     @_guarded
@@ -270,6 +273,7 @@ class CredentialStore:
     def delete(self, user_id: str, server_key: str) -> bool:
         with self.engine.begin() as conn:
             result = conn.execute(delete(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key)))
+            announce_removed(conn, result.rowcount, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     @_guarded
