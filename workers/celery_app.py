@@ -13,12 +13,17 @@ from celery import Celery
 
 from broker.settings import Settings, load_settings
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE",
+           "TASK_WARM", "TASK_WARM_USER", "TASK_DELIVER_WEBHOOK"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
+# Pre-warming and event delivery (workers.tasks_events).
+TASK_WARM = "broker.warm"
+TASK_WARM_USER = "broker.warm_user"
+TASK_DELIVER_WEBHOOK = "broker.deliver_webhook"
 QUEUE = "credbroker"
 RESULT_EXPIRES_SECONDS = 300
 
@@ -48,13 +53,14 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         timezone="UTC",
+        # Audit moves, expiry events and webhook dispatch run on each worker's
+        # housekeeping timer (workers.tasks_events), not as a task per second.
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
-            "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks"]
+        app.conf.imports = ["workers.tasks", "workers.tasks_events"]
     return app
 
 
