@@ -82,6 +82,7 @@ class Settings:
     webhook_secret: Secret | None = None
     webhook_max_attempts: int = 8
     webhook_timeout: float = 5.0
+    webhook_retry_seconds: float = 1.0
 
     @property
     def store_enabled(self) -> bool:
@@ -130,6 +131,7 @@ SETTING_NAMES: dict[str, str] = {
     "WEBHOOK_SECRET": "webhook_secret",
     "WEBHOOK_MAX_ATTEMPTS": "webhook_max_attempts",
     "WEBHOOK_TIMEOUT": "webhook_timeout",
+    "WEBHOOK_RETRY_SECONDS": "webhook_retry_seconds",
 }
 
 

@@ -128,7 +128,7 @@ def deliver_webhook(self: Any, event_id: int, endpoint: int, attempt: int = 1) -
     deliveries.record(event_id, label, attempt, FAILED, status, reason, now)
     cluster_incr(rt.redis, "credbroker_webhook_deliveries_total", outcome=FAILED)
     raise self.retry(kwargs={"event_id": event_id, "endpoint": endpoint, "attempt": attempt + 1},
-                     countdown=retry_delay(attempt))
+                     countdown=retry_delay(attempt, s.webhook_retry_seconds))
 
 
 def _post(rt: Runtime, url: str, event: Event) -> tuple[int | None, str | None]:
