@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
+from .outcomes import flight_result
 from .cli_common import add_command, check_schema, configure_logging, emit_json, settings, table
 
 __all__ = ["register", "all_user_ids", "BulkWarm"]
@@ -55,12 +56,12 @@ class BulkWarm:
         task_id = self.pending.popleft()
         meta = self.client.waiter.wait(task_id, time.monotonic() + self.deadline_seconds, lambda: True)
         self.done += 1
-        result = meta.get("result") if meta else None
+        result = flight_result(meta)
         if meta is None:
             self.failed["timeout"] += 1
-        elif meta.get("status") != "SUCCESS":
-            self.failed[_failure_code(result)] += 1
-        elif isinstance(result, dict) and "error" in result:
+        elif result is None:
+            self.failed["error"] += 1
+        elif "error" in result:
             self.failed[str(result["error"].get("error", "error"))] += 1
 
     def user(self, user_id: str, servers: list[str] | None) -> None:
@@ -78,15 +79,6 @@ class BulkWarm:
     def finish(self) -> None:
         while self.pending:
             self._wait_one()
-
-
-def _failure_code(result: Any) -> str:
-    if isinstance(result, dict):
-        message = result.get("exc_message")
-        if isinstance(message, list) and len(message) > 1 and isinstance(message[1], dict):
-            return str(message[1].get("error", "error"))
-        return str(result.get("exc_type", "error"))
-    return "error"
 
 
 def cmd_warm(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from .celery_app import TASK_RESOLVE, make_celery
 from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
+from .outcomes import flight_result
 from .runtime import redis_client
 from .wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
 
@@ -262,7 +263,7 @@ class BrokerClient:
                     if time.monotonic() >= deadline:
                         raise ResolveTimeout()
                     continue  # the flight vanished (worker lost): claim again
-                result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+                result = flight_result(meta)
                 if not isinstance(result, dict) or result.get("superseded"):
                     retry(task_id)
                     continue

@@ -23,6 +23,7 @@ from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
+from .outcomes import raise_if_failed
 from .runtime import Runtime, runtime
 from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
@@ -120,13 +121,13 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[s
 @app.task(name=TASK_RESOLVE, bind=True)
 def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight."""
-    return _run_flight(self.request.id, user_id, server, "resolve")
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve"))
 
 
 @app.task(name=TASK_REFRESH, bind=True)
 def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
-    return _run_flight(self.request.id, user_id, server, "refresh")
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "refresh"))
 
 
 @app.task(name=TASK_REFRESH_DUE)

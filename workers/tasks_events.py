@@ -27,6 +27,7 @@ from .auditstream import persist_audit_batch
 from .celery_app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
 from .constants import PREFIX, flight_key
 from .metrics import cluster_incr
+from .outcomes import raise_if_failed
 from .runtime import Runtime, runtime
 from .tasks import _run_flight
 from .warm import warm_user
@@ -58,7 +59,7 @@ class WebhookDeliveryFailed(Exception):
 @app.task(name=TASK_WARM, bind=True)
 def warm(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """A warm flight: the resolve ordering for (user, server) with no caller."""
-    return _run_flight(self.request.id, user_id, server, "warm")
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "warm"))
 
 
 def _send(name: str, args: list[Any], task_id: str) -> None:
