@@ -57,7 +57,7 @@ _PROFILES = (
         },
         params={"tenant": None},
         connect_scopes=("offline_access",),
-        source="https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow#refresh-the-access-token",
+        source="https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-auth-code-flow",
     ),
     Profile(
         "slack",
@@ -106,7 +106,7 @@ _PROFILES = (
         },
         params={"domain": None},
         connect_scopes=("offline_access",),
-        source="https://developer.okta.com/docs/guides/refresh-tokens/main/",
+        source="https://developer.okta.com/docs/guides/refresh-tokens/refresh-token-rotation/",
     ),
     Profile(
         "auth0",
