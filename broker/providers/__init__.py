@@ -13,14 +13,13 @@ from typing import Any
 
 from ..server_config import field_error
 from .catalog import PROFILES
-from .profile import PARAM_KEYS, PROFILE_ONLY_KEYS, Adapter, Profile
+from .profile import PARAM_KEYS, Adapter, Profile
 
 __all__ = [
     "Profile",
     "Adapter",
     "PROFILES",
     "PARAM_KEYS",
-    "PROFILE_ONLY_KEYS",
     "expand_auth_broker",
     "response_adapter",
 ]

@@ -65,7 +65,8 @@ _PROFILES = (
             "mode": "oauth_connect",
             "authorization_endpoint": "https://slack.com/oauth/v2/authorize",
             "token_endpoint": "https://slack.com/api/oauth.v2.access",
-            # User-token scopes go in user_scope; scope asks for bot scopes.
+            # User-token scopes go in user_scope; scope asks for bot scopes. A
+            # profile-only key: the servers file has none for it.
             "authorize_scope_param": "user_scope",
         },
         adapter=slack.adapt,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..server_config import check_url, field_error, parse_scopes
 
-__all__ = ["Profile", "Adapter", "PARAM_KEYS", "PROFILE_ONLY_KEYS"]
+__all__ = ["Profile", "Adapter", "PARAM_KEYS"]
 
 # Rewrites a provider's parsed token response (success or error) into the
 # RFC 6749 shape before the generic parser reads it.
@@ -25,8 +25,6 @@ Adapter = Callable[[dict[str, Any]], dict[str, Any]]
 
 # Template parameters a servers file may give; each profile says which it uses.
 PARAM_KEYS = ("tenant", "domain", "base_url", "realm")
-# Quirks only a profile sets (the servers file has no key for them).
-PROFILE_ONLY_KEYS = ("authorize_scope_param",)
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 _HOST = re.compile(r"^(?=.{1,253}(:|$))[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

@@ -293,3 +293,13 @@ def test_narrowed_grant_refreshes_with_scope_omitted_but_not_with_configured_sco
     with pytest.raises(UpstreamError) as info:
         oauth.refresh(configured, current.credential)
     assert (info.value.status, info.value.oauth_error) == (400, "invalid_scope")
+
+
+def test_sandbox_refuses_an_unknown_profile() -> None:
+    with pytest.raises(ValueError, match="unknown sandbox profile"):
+        RegisteringProvider(client_profiles={"c": "githb"})
+    provider = RegisteringProvider()
+    with pytest.raises(ValueError, match="unknown sandbox profile"):
+        provider.configure(client_profiles={"c": "nope"})
+    provider.configure(client_profiles={"c": "slack"}, grantable_scopes=["a"])
+    assert provider.behaviour("c").slack_envelope and provider.grant_scope("a b") == "a"
