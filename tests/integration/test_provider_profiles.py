@@ -257,6 +257,8 @@ def test_no_expires_in_uses_default_lifetime_and_keeps_the_refresh_token(
     second = oauth.refresh(svc, first)
     assert second.expires_at == clock.now() + timedelta(seconds=5400)
     assert second.refresh_token == first.refresh_token
+    assert oauth.revoke(svc, second) is True
+    assert sandbox.provider.stats()["revocations"] == 2  # the refresh token, then the opaque access token
 
 
 def test_no_expires_in_without_default_is_warned_once(sandbox: SandboxHandle, oauth: OAuthClient, secret: str,
