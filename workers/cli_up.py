@@ -134,7 +134,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # unless a level is configured, workers and beat report warnings only.
         quiet = [] if values.get(PREFIX + "LOG_LEVEL") else ["--loglevel", "WARNING"]
         sup.spawn("api", [*cli, "api", "--host", args.host, "--port", str(args.port)], env)
-        sup.spawn("worker", [*cli, "worker", "--concurrency", str(args.workers), *quiet], env)
+        threads = ["--concurrency", str(args.workers)] if args.workers else []
+        sup.spawn("worker", [*cli, "worker", *threads, *quiet], env)
         sup.spawn("beat", [*cli, "beat", *quiet], env)
         if args.flower:
             sup.spawn("flower", [*cli, "flower", "--port", str(args.flower_port)], env)
@@ -192,12 +193,12 @@ def register(sub: Any) -> None:
         """, """
         credbroker up
         credbroker up --demo
-        credbroker up --host 0.0.0.0 --port 9000 --workers 4 --flower
+        credbroker up --host 0.0.0.0 --port 9000 --workers 128 --flower
         """)
     p.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8080, help="API port (default 8080)")
-    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
-                   help="worker pool processes of the one worker (default 2)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="worker threads of the one worker (default 64: flights wait on the provider)")
     p.add_argument("--flower", action="store_true", help="also run Flower (basic auth; generated if not set)")
     p.add_argument("--flower-port", type=port_number, default=5555, metavar="PORT", help="Flower port (default 5555)")
     p.add_argument("--demo", action="store_true", help="also run the sandbox provider with demo servers")
