@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 
 from .db import connection_events as E
 from .db import credentials as T
@@ -86,21 +86,34 @@ def _pk(user_id: str, server_key: str) -> Any:
     return and_(T.c.user_id == user_id, T.c.server_key == server_key)
 
 
-def announce(conn: Connection, user_id: str, server_key: str, now: datetime) -> str | None:
+# Built once: these run inside every status-changing write, so their Python
+# construction cost counts on the miss path.
+_KEY = and_(T.c.user_id == bindparam("u"), T.c.server_key == bindparam("k"))
+_READ = select(T.c.status, T.c.announced_status, T.c.failure).where(_KEY)
+_MARK = update(T).where(_KEY).values(announced_status=bindparam("s"))
+_APPEND = insert(E)
+
+
+def announce(conn: Connection, user_id: str, server_key: str, now: datetime, *,
+             created: str | None = None) -> str | None:
     """Call inside the transaction that just wrote the row (it holds the row's
-    lock): append the event its status change calls for, once. Returns the type."""
-    row = conn.execute(
-        select(T.c.status, T.c.announced_status, T.c.failure).where(_pk(user_id, server_key))
-    ).first()
-    if row is None:
-        return None
-    kind = transition(row.announced_status, row.status)
+    lock): append the event its status change calls for, once. ``created``:
+    the status of a row this transaction inserted (nothing announced yet, and
+    no read needed). Returns the event type."""
+    if created is not None:
+        status, announced, failure = created, None, None
+    else:
+        row = conn.execute(_READ, {"u": user_id, "k": server_key}).first()
+        if row is None:
+            return None
+        status, announced, failure = row.status, row.announced_status, row.failure
+    kind = transition(announced, status)
     if kind is None:
         return None
-    conn.execute(update(T).where(_pk(user_id, server_key)).values(announced_status=row.status))
-    reason = row.failure if kind in (DEGRADED, NEEDS_RECONNECT) else None
-    conn.execute(insert(E).values(type=kind, user_id=user_id, server_key=server_key, status=row.status,
-                                  reason=reason, at=now))
+    conn.execute(_MARK, {"u": user_id, "k": server_key, "s": status})
+    reason = failure if kind in (DEGRADED, NEEDS_RECONNECT) else None
+    conn.execute(_APPEND, {"type": kind, "user_id": user_id, "server_key": server_key, "status": status,
+                           "reason": reason, "at": now})
     return kind
 
 

@@ -208,7 +208,7 @@ class CredentialStore:
                 if result.rowcount != 1:
                     return None
                 new_version = expected_version + 1
-            announce(conn, user_id, server_key, now)
+            announce(conn, user_id, server_key, now, created=status.value if expected_version is None else None)
         return StoredCredential(user_id, server_key, credential, status, new_version, now,
                                 last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure)
 
