@@ -5,7 +5,9 @@ still get the right error, and no audit-mover task buries the flights."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 from typing import Any
 
 import httpx
@@ -82,5 +84,14 @@ def test_failures_are_failures_answers_are_successes(tmp_path, sandbox) -> None:
         names = {v.get("name") for v in tasks.values()}
         assert "broker.persist_audit" not in names  # housekeeping is no longer a task per second
         assert find_leaks(json.dumps(tasks)) == []
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        if browser:  # as an operator sees it: the rendered task page in a real headless browser
+            task_id = next(k for k, v in tasks.items() if v.get("state") == "FAILURE")
+            page = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                   "--virtual-time-budget=5000", "--dump-dom",
+                                   f"http://{AUTH[0]}:{AUTH[1]}@127.0.0.1:{port}/task/{task_id}"],
+                                  capture_output=True, timeout=60).stdout.decode(errors="replace")
+            assert "FAILURE" in page and "UpstreamError: 5" in page, page[-2000:]
+            assert find_leaks(page) == []
     finally:
         cluster.stop()
