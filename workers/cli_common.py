@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -54,10 +53,9 @@ def environment() -> dict[str, str]:
     keys, a private Redis, the demo's servers) apply to the other commands
     run here too, exactly as they do for those children.
     """
-    from .embedded import configured, read_session
+    from .embedded import session_environment
 
-    session = read_session(configured())
-    return {**os.environ, **(session[1] if session else {})}
+    return session_environment()
 
 
 def settings() -> Settings:
