@@ -23,6 +23,9 @@ __all__ = [
     "open_store",
     "configure_logging",
     "check_schema",
+    "check_required",
+    "REQUIRE_VARIABLE",
+    "NEEDS_NO_SETTINGS",
     "UsageError",
     "port_number",
     "positive_int",
@@ -56,6 +59,33 @@ def environment() -> dict[str, str]:
     from .embedded import session_environment
 
     return session_environment()
+
+
+# Comma-separated setting names (without the prefix) a process must have, for
+# deployments (docker-compose.yml) that cannot make a variable required
+# without also requiring it of `keygen`, which runs before the keys exist.
+REQUIRE_VARIABLE = "CREDBROKER_REQUIRE"
+# Commands that need no setting at all.
+NEEDS_NO_SETTINGS = frozenset({"keygen", "servers"})
+
+
+def check_required(environ: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming every setting listed in CREDBROKER_REQUIRE that is unset or empty."""
+    from broker.errors import ConfigError
+    from broker.settings import SETTING_NAMES
+
+    from .embedded import configured
+
+    values = configured(environment() if environ is None else environ)
+    names = [n.strip().upper() for n in values.get(REQUIRE_VARIABLE, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTING_NAMES]
+    if unknown:
+        raise ConfigError(f"{REQUIRE_VARIABLE}: not settings: {', '.join(unknown)}")
+    missing = [f"CREDBROKER_{n}" for n in names if not values.get(f"CREDBROKER_{n}")]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set here ({REQUIRE_VARIABLE}); "
+                          "with docker compose, put them in the .env file next to docker-compose.yml "
+                          "(keys: `docker compose run --rm --no-deps -T api keygen`)")
 
 
 def settings() -> Settings:
