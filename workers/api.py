@@ -59,6 +59,7 @@ from .api_pages import connected_page, failed_page
 from .client import BrokerClient
 from .constants import cache_key
 from .credentials import credential_listing, remove_credential
+from .tracing import instrument_api
 from .metrics import METRICS, render_cluster
 from .runtime import Runtime, build_runtime
 
@@ -342,6 +343,7 @@ def create_app(settings: Settings | None = None, *, client: BrokerClient | None 
     app.router.redirect_slashes = False
     app.state.api = api
     app.add_middleware(Edge, keys=settings.api_keys, routes=ROUTES)
+    instrument_api(app)  # OpenTelemetry, only when CREDBROKER_TRACING is set
     return app
 
 
