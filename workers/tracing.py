@@ -44,7 +44,11 @@ _provider: Any = None
 
 def tracing_mode(environ: Mapping[str, str] | None = None) -> str | None:
     """The configured exporter (``otlp``, ``console``, ``jsonl:PATH``), or None when tracing is off."""
-    value = (os.environ if environ is None else environ).get(TRACING_VARIABLE, "").strip()
+    if environ is None:
+        from .embedded import configured  # the environment over .env, as every setting
+
+        environ = configured()
+    value = environ.get(TRACING_VARIABLE, "").strip()
     if not value or value.lower() in ("0", "off", "false", "none"):
         return None
     if value in ("otlp", "console") or (value.startswith("jsonl:") and len(value) > len("jsonl:")):
