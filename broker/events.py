@@ -30,7 +30,7 @@ from .models import CredentialStatus, ObtainedVia
 
 __all__ = [
     "CONNECTED", "DEGRADED", "RECOVERED", "NEEDS_RECONNECT", "DISCONNECTED", "EXPIRED", "EVENT_TYPES",
-    "Event", "transition", "announce", "announce_removed", "announce_expired", "EventLog",
+    "Event", "transition", "announce", "announce_removed", "announce_expired", "forget_user", "EventLog",
 ]
 
 CONNECTED = "connection.connected"
@@ -161,6 +161,13 @@ def announce_expired(engine: Engine, now: datetime, *, first_scan_lookback: time
         reached = rows[-1].expires_at if len(rows) == limit else now
         _set_cursor(conn, _EXPIRY_CURSOR, _to_ms(reached), position is None)
     return emitted
+
+
+def forget_user(engine: Engine, user_id: str, pseudonym: str) -> int:
+    """Erasure: the user's past events keep their place under ``pseudonym``.
+    Run after the user's credentials were deleted (their disconnects included)."""
+    with engine.begin() as conn:
+        return int(conn.execute(update(E).where(E.c.user_id == user_id).values(user_id=pseudonym)).rowcount)
 
 
 def _to_ms(when: datetime) -> int:

@@ -159,3 +159,11 @@ def test_cursor_and_consumer_batches(store: CredentialStore) -> None:
     assert log.claim_batch("hooks", 3, lambda e: seen.append(e.id)) == 1  # not lost
     d = log.after(0, 1)[0].to_dict()
     assert set(d) == {"id", "type", "user_id", "server", "status", "reason", "at"}
+
+
+def test_forget_user_after_erasure(store: CredentialStore) -> None:
+    store.put("gina", "k", cred())
+    store.put("hal", "k", cred())
+    store.delete("gina", "k")
+    assert ev.forget_user(store.engine, "gina", "erased:abc") == 2
+    assert [u for _, u, *_ in types(store)] == ["erased:abc", "hal", "erased:abc"]
