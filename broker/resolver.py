@@ -15,15 +15,19 @@ resolve is audited as inject, acquire, refresh or connect.
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .connect import OAuthPort
-from .errors import BrokerError, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
+from .dpop import DPoPKey, dpop_proof
+from .errors import BrokerError, InvalidRequest, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
 from .headers import apply_header, render_header_value
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
 from .policy import Policy, PolicyInput, allow_all, enforce
@@ -31,9 +35,13 @@ from .secret import Secret
 from .servers import Mode, ServerConfig, ServerRegistry
 from .store import CredentialStore
 
-__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from"]
+__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from",
+           "check_request_target"]
 
 log = logging.getLogger(__name__)
+
+_METHOD = re.compile(r"[A-Za-z]{1,16}")  # GET, POST, PATCH...: an RFC 9110 token, kept simple
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 @dataclass(frozen=True)
@@ -46,10 +54,15 @@ class Resolved:
     token_type: str
     expires_at: datetime | None
     obtained_via: str
+    # DPoP servers: the ``DPoP`` proof for the method and URL the resolve named.
+    dpop: Secret | None = None
+    # DPoP servers: the bound key and token, so more proofs can be minted here.
+    dpop_key: DPoPKey | None = field(default=None, repr=False, compare=False)
+    _token: Secret | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The contract's resolve body; the header value is revealed here only."""
-        return {
+        body = {
             "server": self.server,
             "header": self.header,
             "value": self.value.reveal(),
@@ -57,10 +70,24 @@ class Resolved:
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "obtained_via": self.obtained_via,
         }
+        if self.dpop_key is not None:
+            body["dpop"] = {"header": "DPoP", "value": self.dpop.reveal() if self.dpop else None}
+        return body
+
+    def dpop_proof(self, method: str, url: str, now: float | None = None, nonce: str | None = None) -> Secret:
+        """A fresh DPoP proof for one more request with this token (each proof is single-use)."""
+        if self.dpop_key is None or self._token is None:
+            raise InvalidRequest(f"server {self.server!r} does not use DPoP")
+        check_request_target(method, url)
+        stamp = time.time() if now is None else now
+        return Secret(dpop_proof(self.dpop_key, method, url, stamp, nonce=nonce, access_token=self._token.reveal()))
 
     def apply(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
-        """Set the header, replacing any same-named one (case-insensitively)."""
-        return apply_header(headers, self.header, self.value)
+        """Set the header (and the DPoP proof), replacing same-named ones (case-insensitively)."""
+        apply_header(headers, self.header, self.value)
+        if self.dpop is not None:
+            apply_header(headers, "DPoP", self.dpop)
+        return headers
 
 
 @dataclass(frozen=True)
@@ -108,15 +135,20 @@ class Resolver:
 
     # -- public ----------------------------------------------------------------
 
-    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None) -> Resolved:
-        """The header for (user, server) now, or a BrokerError saying why not."""
+    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None,
+                method: str | None = None, url: str | None = None) -> Resolved:
+        """The header for (user, server) now, or a BrokerError saying why not.
+
+        ``method`` and ``url`` name the upstream request: a DPoP server's
+        answer then carries a proof bound to them and to the token."""
         server = self.servers.get_server(server_name)
         try:
             acquisition = self.acquire(user_id, server_name)
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
-        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id)
+        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
+                      method=method, url=url)
 
     def acquire(self, user_id: str, server_name: str, *, guard: Guard | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
@@ -277,28 +309,50 @@ class Resolver:
         _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
 
 
-def resolved_from(server: ServerConfig, cred: Credential) -> Resolved:
-    """The header to inject for a credential, per the server's header config."""
+def check_request_target(method: str, url: str) -> None:
+    """A DPoP proof names one request: an HTTP method token and an absolute http(s) URL."""
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+        raise InvalidRequest("method must be an HTTP method such as GET or POST")
+    if not isinstance(url, str) or len(url) > 4096 or _CONTROL.search(url):
+        raise InvalidRequest("url must be an absolute http or https URL")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest("url must be an absolute http or https URL")
+
+
+def resolved_from(server: ServerConfig, cred: Credential, *, method: str | None = None,
+                  url: str | None = None, now: float | None = None) -> Resolved:
+    """The header to inject for a credential, per the server's header config;
+    for a DPoP server with a request target, a fresh proof for it."""
     cfg = server.auth_broker
-    return Resolved(
-        server=server.name,
-        header=cfg.header,
-        value=render_header_value(cfg.header_format, cred.access_token),
-        token_type=cred.token_type,
-        expires_at=cred.expires_at,
-        obtained_via=cred.obtained_via.value,
-    )
+    value = render_header_value(cfg.header_format, cred.access_token)
+    if not cfg.dpop or cred.dpop_key is None:
+        if cfg.dpop:
+            raise UpstreamError("credential is not bound to a DPoP key; it must be renewed")
+        return Resolved(server=server.name, header=cfg.header, value=value, token_type=cred.token_type,
+                        expires_at=cred.expires_at, obtained_via=cred.obtained_via.value)
+    if (method is None) != (url is None):
+        raise InvalidRequest("give both method and url, or neither")
+    proof = None
+    if method is not None and url is not None:
+        check_request_target(method, url)
+        stamp = time.time() if now is None else now
+        proof = Secret(dpop_proof(cred.dpop_key, method, url, stamp, access_token=cred.access_token.reveal()))
+    return Resolved(server=server.name, header=cfg.header, value=value, token_type=cred.token_type,
+                    expires_at=cred.expires_at, obtained_via=cred.obtained_via.value, dpop=proof,
+                    dpop_key=cred.dpop_key, _token=cred.access_token)
 
 
 def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
-           acquisition: Acquisition, request_id: str | None) -> Resolved:
+           acquisition: Acquisition, request_id: str | None, *, method: str | None = None,
+           url: str | None = None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
     method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
-        resolved = resolved_from(server, cred)
+        resolved = resolved_from(server, cred, method=method, url=url)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
         _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
+from .dpop import DPoPKey
 from .db import credentials as T
 from .db import subject_tokens as S
 from .errors import ServiceUnavailable, StoreDisabled
@@ -124,6 +125,7 @@ class CredentialStore:
             issued_at=row.issued_at,
             scopes=tuple(json.loads(row.scopes or "[]")),
             audience=row.audience,
+            dpop_key=DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None,
         )
         return StoredCredential(
             user_id=row.user_id,
@@ -139,10 +141,12 @@ class CredentialStore:
 
     def _values(self, user_id: str, server_key: str, cred: Credential, status: CredentialStatus,
                 now: datetime, failure: str | None) -> dict[str, Any]:
-        blob, kid = self._seal(
-            {"a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None},
-            KIND_CREDENTIAL, user_id, server_key,
-        )
+        payload: dict[str, Any] = {
+            "a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None,
+        }
+        if cred.dpop_key is not None:
+            payload["d"] = cred.dpop_key.to_private_jwk()  # sealed with the tokens it binds
+        blob, kid = self._seal(payload, KIND_CREDENTIAL, user_id, server_key)
         return {
             "ciphertext": blob,
             "key_id": kid,

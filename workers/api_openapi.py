@@ -75,7 +75,11 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False, "required": ["user_id", "server"],
         "properties": {"user_id": _ref("UserId"), "server": _ref("ServerName"),
                        "timeout": {"type": "number", "exclusiveMinimum": 0,
-                                   "description": "seconds; capped at CREDBROKER_RESOLVE_TIMEOUT"}},
+                                   "description": "seconds; capped at CREDBROKER_RESOLVE_TIMEOUT"},
+                       "method": {"type": "string", "examples": ["POST"],
+                                  "description": "DPoP servers (required there): the upstream request's method"},
+                       "url": {"type": "string", "format": "uri",
+                               "description": "DPoP servers (required there): the upstream request's URL"}},
     },
     "Resolved": {
         "type": "object",
@@ -85,6 +89,9 @@ SCHEMAS: dict[str, Any] = {
             "value": {"type": "string", "description": "the header value to inject, e.g. 'Bearer ...'"},
             "token_type": {"type": "string"}, "expires_at": _TS,
             "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow"]},
+            "dpop": {"type": "object", "required": ["header", "value"],
+                     "description": "DPoP servers only: a fresh single-use proof for the method and url given",
+                     "properties": {"header": {"const": "DPoP"}, "value": {"type": ["string", "null"]}}},
         },
     },
     "ConnectRequest": {
