@@ -139,7 +139,7 @@ def load_private_pem(data: bytes, where: str) -> PrivateKey:
     except TypeError:
         raise ConfigError(f"{where}: the private key is encrypted; give an unencrypted PEM key") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{where}: not a PEM private key (expected -----BEGIN PRIVATE KEY-----)") from None
+        raise ConfigError(f"{where}: not a PEM private key (expected an unencrypted PKCS#8, RSA or EC PEM block)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ConfigError(f"{where}: only RSA and EC P-256 private keys are supported")
     try:
