@@ -348,16 +348,16 @@ def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server:
            url: str | None = None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
-    method = _method(server)
+    audit_method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
         resolved = resolved_from(server, cred, method=method, url=url)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
-        _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)
+        _record(audit, clock, acquisition.action, outcome, user_id, server, audit_method, exc.code, request_id)
         raise
-    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, method,
+    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, audit_method,
             acquisition.reason, request_id)
     return resolved
 
