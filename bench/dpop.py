@@ -55,3 +55,50 @@ def run_dpop_fast_path(client: Any, users: list[str], report: Report, reps: int,
     report.note(f"Row 1b: {len(users)} users on `dp` (token_exchange, dpop: true) beside the same users on `tx`; "
                 f"each DPoP resolve names POST {DPOP_URL}; median of {reps} interleaved loops of {seconds:g} s.")
     return {"plain": p, "dpop": d, "sign": s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.dpop``: row 1b alone, on its own small cluster (a private
+    Redis unless ``--redis-url`` answers), printed as a table."""
+    import argparse
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .cluster import BenchCluster, RedisService, Sandbox
+    from .fastpath import FAST_USERS
+
+    parser = argparse.ArgumentParser(prog="python -m bench.dpop", description=main.__doc__)
+    parser.add_argument("--smoke", action="store_true", help="short loops")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:1/0",
+                        help="Redis to use, its database flushed (default: a private redis-server)")
+    args = parser.parse_args(argv)
+    reps, seconds = (3, 0.2) if args.smoke else (7, 1.0)
+    workdir = Path(tempfile.mkdtemp(prefix="credbroker-bench-dpop-"))
+    report = Report(smoke=args.smoke)
+    redis_service = RedisService(args.redis_url, workdir)
+    sandbox = cluster = client = None
+    try:
+        sandbox = Sandbox(workdir)
+        cluster = BenchCluster(workdir, redis_service.url, sandbox)
+        cluster.start_workers(1, 2)
+        cluster.sign_in(FAST_USERS)
+        client = cluster.client()
+        for user in FAST_USERS:
+            client.resolve(user, "tx", timeout=60)
+        run_dpop_fast_path(client, FAST_USERS, report, reps, seconds)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.stop()
+        if sandbox is not None:
+            sandbox.stop()
+        redis_service.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report.markdown("credential-broker benchmark, row 1b" + (" (smoke)" if args.smoke else ""), 0.0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
