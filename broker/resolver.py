@@ -36,7 +36,7 @@ from .servers import Mode, ServerConfig, ServerRegistry
 from .store import CredentialStore
 
 __all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from",
-           "check_request_target"]
+           "check_request_target", "unbound"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Resolver:
                 if server.mode is Mode.OAUTH_CONNECT:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
                 return self._used(user_id, server, now, self._mint(user_id, server, now, stored, used=True, guard=guard))
-            if not self._due(cred, now):
+            if not self._due(cred, now) and not unbound(server, cred):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
             return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, guard=guard))
@@ -307,6 +307,12 @@ class Resolver:
     def _record(self, action: Action, outcome: Outcome, user_id: str, server: ServerConfig, method: str,
                 reason: str | None, request_id: str | None) -> None:
         _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
+
+
+def unbound(server: ServerConfig, cred: Credential) -> bool:
+    """A DPoP server's credential without a key (stored before ``dpop: true``):
+    unusable as it is, so it is renewed now rather than served."""
+    return server.auth_broker.dpop and cred.dpop_key is None
 
 
 def check_request_target(method: str, url: str) -> None:

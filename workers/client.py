@@ -24,7 +24,7 @@ from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Ke
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
 from broker.policy import Policy, load_policy
-from broker.resolver import Acquisition, Resolved, check_request_target, finish, record_failure
+from broker.resolver import Acquisition, Resolved, check_request_target, finish, record_failure, unbound
 from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
@@ -166,6 +166,8 @@ class BrokerClient:
         cred = acq.credential
         if cred.expires_at is not None and self.clock.now() >= cred.expires_at - self._near:
             return None  # near expiry: take the flight, which renews
+        if unbound(server, cred):
+            return None  # cached before dpop was turned on: the flight renews it with a key
         return acq  # the cached copy is already classified as an inject
 
     # -- flight ------------------------------------------------------------------
