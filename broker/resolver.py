@@ -36,12 +36,13 @@ from .servers import Mode, ServerConfig, ServerRegistry
 from .store import CredentialStore
 
 __all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from",
-           "check_request_target", "unbound"]
+           "check_request_target", "check_nonce", "unbound"]
 
 log = logging.getLogger(__name__)
 
 _METHOD = re.compile(r"[A-Za-z]{1,16}")  # GET, POST, PATCH...: an RFC 9110 token, kept simple
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_NONCE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,512}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Resolved:
             raise InvalidRequest(f"server {self.server!r} does not use DPoP")
         check_request_target(method, url)
         stamp = time.time() if now is None else now
-        return Secret(dpop_proof(self.dpop_key, method, url, stamp, nonce=nonce, access_token=self._token.reveal()))
+        return Secret(dpop_proof(self.dpop_key, method, url, stamp, nonce=check_nonce(nonce),
+                                 access_token=self._token.reveal()))
 
     def apply(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
         """Set the header (and the DPoP proof), replacing same-named ones (case-insensitively)."""
@@ -136,7 +138,7 @@ class Resolver:
     # -- public ----------------------------------------------------------------
 
     def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None,
-                method: str | None = None, url: str | None = None) -> Resolved:
+                method: str | None = None, url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
         """The header for (user, server) now, or a BrokerError saying why not.
 
         ``method`` and ``url`` name the upstream request: a DPoP server's
@@ -148,7 +150,7 @@ class Resolver:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
         return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
-                      method=method, url=url)
+                      method=method, url=url, dpop_nonce=dpop_nonce)
 
     def acquire(self, user_id: str, server_name: str, *, guard: Guard | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
@@ -315,6 +317,13 @@ def unbound(server: ServerConfig, cred: Credential) -> bool:
     return server.auth_broker.dpop and cred.dpop_key is None
 
 
+def check_nonce(nonce: str | None) -> str | None:
+    """A resource server's ``DPoP-Nonce`` (RFC 9449 section 9): NQCHARs, bounded."""
+    if nonce is not None and (not isinstance(nonce, str) or not _NONCE.fullmatch(nonce)):
+        raise InvalidRequest("dpop_nonce must be 1-512 printable ASCII characters without spaces, quotes or backslashes")
+    return nonce
+
+
 def check_request_target(method: str, url: str) -> None:
     """A DPoP proof names one request: an HTTP method token and an absolute http(s) URL."""
     if not isinstance(method, str) or not _METHOD.fullmatch(method):
@@ -327,7 +336,7 @@ def check_request_target(method: str, url: str) -> None:
 
 
 def resolved_from(server: ServerConfig, cred: Credential, *, method: str | None = None,
-                  url: str | None = None, now: float | None = None) -> Resolved:
+                  url: str | None = None, now: float | None = None, dpop_nonce: str | None = None) -> Resolved:
     """The header to inject for a credential, per the server's header config;
     for a DPoP server with a request target, a fresh proof for it."""
     cfg = server.auth_broker
@@ -343,7 +352,8 @@ def resolved_from(server: ServerConfig, cred: Credential, *, method: str | None 
     if method is not None and url is not None:
         check_request_target(method, url)
         stamp = time.time() if now is None else now
-        proof = Secret(dpop_proof(cred.dpop_key, method, url, stamp, access_token=cred.access_token.reveal()))
+        proof = Secret(dpop_proof(cred.dpop_key, method, url, stamp, nonce=check_nonce(dpop_nonce),
+                                  access_token=cred.access_token.reveal()))
     return Resolved(server=server.name, header=cfg.header, value=value, token_type=cred.token_type,
                     expires_at=cred.expires_at, obtained_via=cred.obtained_via.value, dpop=proof,
                     dpop_key=cred.dpop_key, _token=cred.access_token)
@@ -351,14 +361,14 @@ def resolved_from(server: ServerConfig, cred: Credential, *, method: str | None 
 
 def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
            acquisition: Acquisition, request_id: str | None, *, method: str | None = None,
-           url: str | None = None) -> Resolved:
+           url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
     audit_method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
-        resolved = resolved_from(server, cred, method=method, url=url)
+        resolved = resolved_from(server, cred, method=method, url=url, dpop_nonce=dpop_nonce)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
         _record(audit, clock, acquisition.action, outcome, user_id, server, audit_method, exc.code, request_id)

@@ -79,7 +79,9 @@ SCHEMAS: dict[str, Any] = {
                        "method": {"type": "string", "examples": ["POST"],
                                   "description": "DPoP servers (required there): the upstream request's method"},
                        "url": {"type": "string", "format": "uri",
-                               "description": "DPoP servers (required there): the upstream request's URL"}},
+                               "description": "DPoP servers (required there): the upstream request's URL"},
+                       "dpop_nonce": {"type": "string", "maxLength": 512,
+                                      "description": "DPoP servers: the resource server's latest DPoP-Nonce"}},
     },
     "Resolved": {
         "type": "object",

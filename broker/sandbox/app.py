@@ -157,10 +157,11 @@ def _bound_token_key(provider: SandboxProvider, request: Request) -> str | None:
                                  now=provider.now(), seen=provider.seen_proof_jtis, nonce=provider.dpop_nonce)
 
 
-def _resource_error(provider: SandboxProvider, error: str, description: str) -> JSONResponse:
+def _resource_error(provider: SandboxProvider, error: str, description: str,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
     provider.count_resource_call(False)
     return JSONResponse({"error": error, "error_description": description}, status_code=401,
-                        headers={"WWW-Authenticate": f'DPoP error="{error}", algs="ES256 RS256"'})
+                        headers={"WWW-Authenticate": f'DPoP error="{error}", algs="ES256 RS256"', **(headers or {})})
 
 
 def _resource(provider: SandboxProvider, request: Request) -> Response:
@@ -188,9 +189,9 @@ def _resource(provider: SandboxProvider, request: Request) -> Response:
             try:
                 thumbprint = verify_dpop_proof(proof, method=request.method, url=str(request.url),
                                                now=provider.now(), seen=provider.seen_proof_jtis,
-                                               access_token=token, status=401)
+                                               access_token=token, status=401, nonce=provider.resource_dpop_nonce)
             except OAuthError as err:
-                return _resource_error(provider, err.error, err.description or "")
+                return _resource_error(provider, err.error, err.description or "", err.headers)
             if thumbprint != jkt:
                 return _resource_error(provider, "invalid_dpop_proof", "proof key is not the token's key")
     provider.count_resource_call(True)

@@ -27,7 +27,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
-                 "client_profiles", "grantable_scopes", "client_jwks", "dpop_nonce")
+                 "client_profiles", "grantable_scopes", "client_jwks", "dpop_nonce",
+                 "resource_dpop_nonce")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -47,6 +48,7 @@ class SandboxProvider:
         grantable_scopes: list[str] | None = None,
         client_jwks: dict[str, dict[str, str]] | None = None,
         dpop_nonce: str | None = None,
+        resource_dpop_nonce: str | None = None,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -70,6 +72,8 @@ class SandboxProvider:
             "client_jwks": {str(k): dict(v) for k, v in (client_jwks or {}).items()},
             # Set: DPoP proofs at the token endpoint must carry this nonce (RFC 9449 section 8).
             "dpop_nonce": dpop_nonce,
+            # Set: proofs at /test/resource must carry this nonce (RFC 9449 section 9).
+            "resource_dpop_nonce": resource_dpop_nonce,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -84,6 +88,7 @@ class SandboxProvider:
         self.grantable_scopes: list[str] | None = None
         self.client_jwks: dict[str, dict[str, str]] = {}
         self.dpop_nonce: str | None = None
+        self.resource_dpop_nonce: str | None = None
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -104,7 +109,7 @@ class SandboxProvider:
                     value = None if value is None else [str(v) for v in value]
                 elif name == "client_jwks":
                     value = {str(k): dict(v) for k, v in dict(value).items()}
-                elif name == "dpop_nonce":
+                elif name in ("dpop_nonce", "resource_dpop_nonce"):
                     value = None if value is None else str(value)
                 elif name == "refresh_reuse_grace":
                     value = float(value)

@@ -124,6 +124,14 @@ def test_http_resolve_returns_a_proof_the_resource_accepts(stack: Stack) -> None
                                               "DPoP": again["dpop"]["value"]}).status_code == 200
     assert len(provider.requests("token")) == 2
 
+    # A resource server's nonce goes into the proof; a malformed one is refused.
+    provider.configure(resource_dpop_nonce="rs-n1")
+    with_nonce = stack.api.resolve("alice", "dp", method="GET", url=stack.resource, dpop_nonce="rs-n1").json()
+    assert httpx.get(stack.resource, headers={"Authorization": with_nonce["value"],
+                                              "DPoP": with_nonce["dpop"]["value"]}).status_code == 200
+    provider.configure(resource_dpop_nonce=None)
+    assert stack.api.resolve("alice", "dp", method="GET", url=stack.resource, dpop_nonce="a b").status_code == 422
+
 
 def test_broker_client_mints_proofs_in_process_and_redis_holds_no_key(stack: Stack) -> None:
     provider = stack.sandbox.provider

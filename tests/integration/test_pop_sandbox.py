@@ -189,6 +189,26 @@ def test_dpop_nonce_binding_and_the_resource(sandbox: SandboxHandle, oauth: OAut
     fresh = httpx.post(resource, headers={**headers, "DPoP": resolved.dpop_proof("POST", resource).reveal()})
     assert fresh.status_code == 200
 
+    # Tampered and stale proofs, over HTTP.
+    good = resolved.dpop_proof("GET", resource).reveal()
+    head, body, sig = good.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    forged = base64.urlsafe_b64encode(json.dumps({**claims, "htm": "DELETE"}).encode()).rstrip(b"=").decode()
+    tampered = httpx.delete(resource, headers={**headers, "DPoP": f"{head}.{forged}.{sig}"})
+    stale = httpx.get(resource, headers={**headers, "DPoP": resolved.dpop_proof(
+        "GET", resource, now=__import__("time").time() - 120).reveal()})
+    for r in (tampered, stale):
+        assert r.status_code == 401 and r.json()["error"] == "invalid_dpop_proof"
+
+    # A resource that demands a nonce: refused with the nonce, then accepted with it.
+    provider.configure(resource_dpop_nonce="rs-nonce-1")
+    demand = httpx.get(resource, headers={**headers, "DPoP": resolved.dpop_proof("GET", resource).reveal()})
+    assert demand.status_code == 401 and demand.headers["dpop-nonce"] == "rs-nonce-1"
+    assert demand.json()["error"] == "use_dpop_nonce"
+    with_nonce = resolved_from(svc, cred, method="GET", url=resource, dpop_nonce=demand.headers["dpop-nonce"])
+    assert httpx.get(resource, headers=with_nonce.apply({})).status_code == 200
+    provider.configure(resource_dpop_nonce=None)
+
     # A proof without the server's nonce at the token endpoint is refused with the nonce to use.
     provider.configure(dpop_nonce="nonce-2")
     raw = httpx.post(f"{sandbox.url}/token", headers={"DPoP": dpop_proof(
