@@ -40,7 +40,7 @@ from broker.audit import Action, Outcome, SqlAuditLog, record_event
 from broker.connect import ConnectError
 from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
 from broker.models import CredentialStatus, StoredCredential, SubjectToken
-from broker.resolver import check_nonce, check_request_target
+from broker.resolved import check_nonce, check_request_target
 from broker.servers import ServerConfig
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id

@@ -24,7 +24,8 @@ from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Ke
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
 from broker.policy import Policy, load_policy
-from broker.resolver import Acquisition, Resolved, check_nonce, check_request_target, finish, record_failure, unbound
+from broker.resolved import check_nonce, check_request_target, unbound
+from broker.resolver import Acquisition, Resolved, finish, record_failure
 from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
