@@ -116,6 +116,12 @@ class CredentialStore:
         if payload is None:
             return None
         refresh = payload.get("r")
+        try:
+            dpop_key = DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None
+        except (ValueError, KeyError, TypeError):
+            self.decrypt_failures += 1
+            log.warning("unreadable DPoP key in credential record for user %r server %s", row.user_id, row.server_key[:12])
+            return None
         cred = Credential(
             access_token=Secret(payload["a"]),
             refresh_token=Secret(refresh) if refresh else None,
@@ -125,7 +131,7 @@ class CredentialStore:
             issued_at=row.issued_at,
             scopes=tuple(json.loads(row.scopes or "[]")),
             audience=row.audience,
-            dpop_key=DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None,
+            dpop_key=dpop_key,
         )
         return StoredCredential(
             user_id=row.user_id,
