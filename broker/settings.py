@@ -63,6 +63,8 @@ class Settings:
     http_read_timeout: float = 10.0
     provider_retry_seconds: float = 10.0
     provider_max_attempts: int = 4
+    # Added to the worst-case provider call to size a renewal's lease (broker.lease).
+    lease_margin_seconds: float = 5.0
     # Expiry and refresh.
     near_expiry_seconds: float = 60.0
     refresh_fraction: float = 0.8
@@ -110,6 +112,7 @@ SETTING_NAMES: dict[str, str] = {
     "HTTP_READ_TIMEOUT": "http_read_timeout",
     "PROVIDER_RETRY_SECONDS": "provider_retry_seconds",
     "PROVIDER_MAX_ATTEMPTS": "provider_max_attempts",
+    "LEASE_MARGIN_SECONDS": "lease_margin_seconds",
     "NEAR_EXPIRY_SECONDS": "near_expiry_seconds",
     "REFRESH_FRACTION": "refresh_fraction",
     "RECENT_USE_SECONDS": "recent_use_seconds",

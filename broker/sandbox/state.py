@@ -25,7 +25,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
     "public-client": None,
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
-_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace")
+_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
+                 "revoke_family")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -41,6 +42,7 @@ class SandboxProvider:
         rotate_refresh_tokens: bool = True,
         clock_skew: int = 0,
         refresh_reuse_grace: float = 0.0,
+        revoke_family: bool = True,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -56,6 +58,7 @@ class SandboxProvider:
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "clock_skew": clock_skew,
             "refresh_reuse_grace": refresh_reuse_grace,
+            "revoke_family": revoke_family,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -66,6 +69,9 @@ class SandboxProvider:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.clock_skew = clock_skew
         self.refresh_reuse_grace = refresh_reuse_grace
+        # False: revoking a refresh token kills only that token, as some
+        # providers do (RFC 7009 leaves it open), not its whole family.
+        self.revoke_family = revoke_family
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -79,7 +85,7 @@ class SandboxProvider:
             for name, value in kwargs.items():
                 if name == "clients":
                     value = dict(value)
-                elif name == "rotate_refresh_tokens":
+                elif name in ("rotate_refresh_tokens", "revoke_family"):
                     value = bool(value)
                 else:
                     value = int(value)
@@ -104,6 +110,9 @@ class SandboxProvider:
             self._reuse_detected = 0
             self._grace_reuses = 0
             self._refresh_rotations = 0
+            # refresh token -> times presented, and the tokens presented twice or more per user
+            self._presented: dict[str, int] = {}
+            self._presented_twice_by_user: dict[str, int] = {}
             self._faults_served = 0
 
     # -- tokens ------------------------------------------------------------
@@ -180,6 +189,14 @@ class SandboxProvider:
         with self.lock:
             self._grace_reuses += 1
 
+    def count_presentation(self, token: str, sub: str) -> None:
+        """A known refresh token was presented; the second time counts it as reused."""
+        with self.lock:
+            n = self._presented.get(token, 0) + 1
+            self._presented[token] = n
+            if n == 2:
+                self._presented_twice_by_user[sub] = self._presented_twice_by_user.get(sub, 0) + 1
+
     def count_rotation(self) -> None:
         with self.lock:
             self._refresh_rotations += 1
@@ -194,6 +211,9 @@ class SandboxProvider:
                 "reuse_detected": self._reuse_detected,
                 "grace_reuses": self._grace_reuses,
                 "refresh_rotations": self._refresh_rotations,
+                "refresh_presentations": sum(self._presented.values()),
+                "refresh_presented_twice": sum(self._presented_twice_by_user.values()),
+                "presented_twice_by_user": dict(self._presented_twice_by_user),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
             }
