@@ -74,6 +74,9 @@ class Settings:
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
+    # Seconds a taken, unacknowledged task message may wait before the Redis
+    # transport delivers it again; 0: twice the task time limit plus 60 s.
+    visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
     # Operations.
     log_level: str = "INFO"
@@ -120,6 +123,7 @@ SETTING_NAMES: dict[str, str] = {
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
+    "VISIBILITY_TIMEOUT": "visibility_timeout",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",

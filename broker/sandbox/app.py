@@ -84,6 +84,7 @@ class _Front:
 async def _front(provider: SandboxProvider, request: Request, endpoint: str) -> _Front:
     if not provider.issuer:
         provider.issuer = str(request.base_url).rstrip("/")
+    provider.count_arrival(endpoint)  # before any latency: a test can see a call in progress
     delay = provider.latency_seconds(endpoint)
     if delay:
         await asyncio.sleep(delay)

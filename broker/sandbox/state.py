@@ -113,6 +113,7 @@ class SandboxProvider:
             # refresh token -> times presented, and the tokens presented twice or more per user
             self._presented: dict[str, int] = {}
             self._presented_twice_by_user: dict[str, int] = {}
+            self._arrivals: dict[str, int] = {}  # requests that reached the front door, per endpoint
             self._faults_served = 0
 
     # -- tokens ------------------------------------------------------------
@@ -189,6 +190,10 @@ class SandboxProvider:
         with self.lock:
             self._grace_reuses += 1
 
+    def count_arrival(self, endpoint: str) -> None:
+        with self.lock:
+            self._arrivals[endpoint] = self._arrivals.get(endpoint, 0) + 1
+
     def count_presentation(self, token: str, sub: str) -> None:
         """A known refresh token was presented; the second time counts it as reused."""
         with self.lock:
@@ -214,6 +219,7 @@ class SandboxProvider:
                 "refresh_presentations": sum(self._presented.values()),
                 "refresh_presented_twice": sum(self._presented_twice_by_user.values()),
                 "presented_twice_by_user": dict(self._presented_twice_by_user),
+                "arrivals": dict(self._arrivals),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
             }
