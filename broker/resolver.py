@@ -24,7 +24,14 @@ from typing import Any
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .connect import OAuthPort
-from .errors import BrokerError, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
+from .errors import (
+    BrokerError,
+    NotConnected,
+    ServiceUnavailable,
+    SubjectTokenMissing,
+    UpstreamError,
+    UpstreamOutcomeUnknown,
+)
 from .headers import apply_header, render_header_value
 from .lease import ROTATION_LOST, LeaseTake, local_owner
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
@@ -225,6 +232,11 @@ class Resolver:
             except NotConnected:
                 raise
             except (UpstreamError, SubjectTokenMissing) as exc:
+                if isinstance(exc, UpstreamOutcomeUnknown) and server.mode is Mode.OAUTH_CONNECT:
+                    # The provider may have rotated the token: leave the lease
+                    # expired, not released, so the next flight knows the outcome
+                    # is unknown (and reports rotation_lost if it was spent).
+                    released = self._abandon_lease(user_id, server, owner)
                 if action is Action.ACQUIRE:
                     raise
                 return self._renewal_failed(user_id, server, stored, now, exc, took_over=take.took_over)
@@ -297,6 +309,13 @@ class Resolver:
             raise ServiceUnavailable("the renewed credential could not be stored; retry")
         # An exchange rotates nothing: the minted token is good whoever stores it.
         return _Outcome(new, action)
+
+    def _abandon_lease(self, user_id: str, server: ServerConfig, owner: str) -> bool:
+        try:
+            return self.store.expire_lease(user_id, server.key, owner)
+        except BrokerError as exc:
+            log.warning("could not mark the lease for server %s: %s", server.name, exc.code)
+            return True  # leave it as it is: it expires by itself, unreleased
 
     def _release_lease(self, user_id: str, server: ServerConfig, owner: str) -> None:
         try:

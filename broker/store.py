@@ -275,6 +275,16 @@ class CredentialStore:
         return LeaseTake(False, self.get(user_id, server_key))
 
     @_guarded
+    def expire_lease(self, user_id: str, server_key: str, owner: str) -> bool:
+        """End ``owner``'s lease now without releasing it: the next flight takes
+        it over knowing this one's outcome is unknown (a call that got no answer)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key, T.c.lease_owner == owner))
+                .values(lease_until=db_now())
+            ).rowcount == 1
+
+    @_guarded
     def release_lease(self, user_id: str, server_key: str, owner: str) -> bool:
         """Free the lease if ``owner`` still holds it (a no-op after a write released it)."""
         with self.engine.begin() as conn:

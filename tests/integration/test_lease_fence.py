@@ -290,3 +290,32 @@ def _audit_reasons(c: Cluster) -> set[str]:
     for _, fields in c.redis.xrange("credbroker:audit"):  # not yet moved to SQL (no beat here)
         reasons.add(json.loads(fields[b"e"]).get("reason") or "")
     return reasons
+
+
+def test_a_refresh_with_no_answer_is_not_sent_again_blindly(tmp_path: Path, sandbox: Any) -> None:
+    """The provider answers after the read timeout: the flight does not retry the
+    refresh token (it may be spent); the next flight presents it once, knowing the
+    outcome is unknown, and reports rotation_lost when it was."""
+    sandbox.provider.configure(access_token_ttl=3, rotate_refresh_tokens=True)
+    c = Cluster(tmp_path, sandbox.url, extra_env={
+        **FAST, "CREDBROKER_HTTP_CONNECT_TIMEOUT": "0.5", "CREDBROKER_HTTP_READ_TIMEOUT": "1",
+        "CREDBROKER_PROVIDER_MAX_ATTEMPTS": "3", "CREDBROKER_PROVIDER_RETRY_SECONDS": "3"})
+    try:
+        c.start_worker("w1", concurrency=1)
+        connect(c, "gus")
+        wait_expired(c, "gus")
+        sandbox.provider.set_latency("token", 2500)
+        with c.client() as client:
+            with pytest.raises(BrokerError) as first:
+                client.resolve("gus", "gh", timeout=10)
+            assert first.value.code == "upstream_error"
+            wait_for(lambda: sandbox.provider.stats()["refresh_rotations"] == 1, 10, what="the unanswered rotation")
+            assert sandbox.provider.stats()["refresh_presentations"] == 1  # not retried
+            sandbox.provider.set_latency("token", 0)
+            with pytest.raises(NotConnected):
+                client.resolve("gus", "gh", timeout=10)
+        rec = row(c, "gus")
+        assert rec is not None and rec.status is CredentialStatus.NEEDS_RECONNECT and rec.failure == "rotation_lost"
+        assert sandbox.provider.stats()["presented_twice_by_user"] == {"gus": 1}
+    finally:
+        c.stop()

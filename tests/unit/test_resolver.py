@@ -362,3 +362,25 @@ def test_a_lease_lost_mid_call_serves_nothing_unstored(env) -> None:  # type: ig
         resolver.acquire("alice", "gh", owner="me")
     after = store.get("alice", key)
     assert before is not None and after is not None and after.version == before.version
+
+
+def test_a_refresh_with_no_answer_leaves_its_outcome_unknown(env) -> None:  # type: ignore[no-untyped-def]
+    from broker.errors import UpstreamOutcomeUnknown
+
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    clock.advance(700)  # expired
+    oauth.fail = UpstreamOutcomeUnknown("authorization server timed out", retryable=True)
+    with pytest.raises(UpstreamError):
+        resolver.acquire("alice", "gh", owner="first")
+    row = store.get("alice", key)
+    assert row is not None and row.lease_owner == "first"  # expired, not released
+    lost: list[str] = []
+    resolver.on_rotation_lost = lost.append
+    oauth.fail = UpstreamError("spent", oauth_error="invalid_grant", status=400)
+    with pytest.raises(NotConnected):
+        resolver.acquire("alice", "gh", owner="second")
+    after = store.get("alice", key)
+    assert after is not None and after.failure == "rotation_lost" and lost == ["gh"]
+    assert len(oauth.calls) == 2
