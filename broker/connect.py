@@ -99,9 +99,9 @@ class ConnectFlow:
         self._monotonic = monotonic
 
     def _audit(self, outcome: Outcome, user_id: str | None, server: str | None, reason: str | None = None,
-               action: Action = Action.CONNECT, request_id: str | None = None) -> None:
+               action: Action = Action.CONNECT, request_id: str | None = None, method: str = "connect") -> None:
         record_event(self.audit, self.clock.now(), action, outcome, user_id=user_id, server=server,
-                     method="connect", reason=reason, request_id=request_id)
+                     method=method, reason=reason, request_id=request_id)
 
     def start(self, user_id: str, server_name: str) -> ConnectStart:
         server = self.servers.get_server(server_name)
@@ -163,6 +163,8 @@ class ConnectFlow:
         logged and audited; the local delete still happens.
         """
         server = self.servers.get_server(server_name)
+        # Audited with the server's own method: removing an entra_obo credential is not a connect.
+        method = "connect" if server.mode is Mode.OAUTH_CONNECT else server.mode.value
         owner = "disconnect-" + uuid.uuid4().hex
         for _ in range(4):
             stored = self._lease(user_id, server, owner)
@@ -170,7 +172,7 @@ class ConnectFlow:
                 # Absent, or unreadable (nothing to revoke): delete whatever is there.
                 return self.store.delete(user_id, server.key)
             try:
-                self._revoke(user_id, server, stored, request_id)
+                self._revoke(user_id, server, stored, request_id, method)
                 deleted = self.store.delete(user_id, server.key, expected_version=stored.version, lease_owner=owner)
             finally:
                 try:
@@ -178,7 +180,8 @@ class ConnectFlow:
                 except BrokerError:
                     pass  # it expires
             if deleted:
-                self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id)
+                self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id,
+                            method=method)
                 return True
             # Reconnected meanwhile (a new version), or our lease lapsed: again, with what is there now.
         raise ServiceUnavailable("the credential kept changing during disconnect; retry")
@@ -201,13 +204,16 @@ class ConnectFlow:
             stored = current
         return None
 
-    def _revoke(self, user_id: str, server: ServerConfig, stored: StoredCredential, request_id: str | None) -> None:
+    def _revoke(self, user_id: str, server: ServerConfig, stored: StoredCredential, request_id: str | None,
+                method: str) -> None:
         if not (server.auth_broker.revocation_endpoint or server.auth_broker.issuer):
             return
         try:
             if self.oauth.revoke(server, stored.credential):
-                self._audit(Outcome.SUCCESS, user_id, server.name, action=Action.REVOKE, request_id=request_id)
+                self._audit(Outcome.SUCCESS, user_id, server.name, action=Action.REVOKE, request_id=request_id,
+                            method=method)
         except BrokerError as exc:
             reason = getattr(exc, "oauth_error", None) or exc.code
             log.warning("revocation failed for server %s: %s", server.name, reason)
-            self._audit(Outcome.FAILURE, user_id, server.name, reason, action=Action.REVOKE, request_id=request_id)
+            self._audit(Outcome.FAILURE, user_id, server.name, reason, action=Action.REVOKE, request_id=request_id,
+                        method=method)
