@@ -37,6 +37,7 @@ from tests.cluster import Cluster, wait_for
 from tests.faults import PrivateRedis
 from tests.integration.test_cluster import store_of
 from workers.constants import FLIGHT_PREFIX
+from workers.metrics import CLUSTER_HASH
 
 USERS = int(os.environ.get("CREDBROKER_CHAOS_USERS", "40"))
 SECONDS = float(os.environ.get("CREDBROKER_CHAOS_SECONDS", "25"))
@@ -80,7 +81,7 @@ def leased_users(c: Cluster) -> set[str]:
 
 def _rotation_lost_metric(c: Cluster) -> int:
     try:
-        raw = c.redis.hgetall("credbroker:metrics")
+        raw = c.redis.hgetall(CLUSTER_HASH)
     except Exception:  # noqa: BLE001 - Redis restarting
         return 0
     return sum(int(v) for k, v in raw.items() if k.startswith(b"credbroker_rotation_lost_total"))

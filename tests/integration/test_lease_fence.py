@@ -19,7 +19,8 @@ from broker.models import CredentialStatus, StoredCredential
 from broker.servers import server_key
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, store_of
-from workers.constants import flight_key
+from workers.constants import AUDIT_STREAM, flight_key
+from workers.metrics import CLUSTER_HASH
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 GH_KEY = server_key("gh", "https://gh.upstream.test/mcp")
@@ -258,7 +259,7 @@ def test_a_kill_mid_call_is_reported_rotation_lost(tmp_path: Path, sandbox: Any)
         assert rec is not None and rec.status is CredentialStatus.NEEDS_RECONNECT and rec.failure == "rotation_lost"
         stats = sandbox.provider.stats()
         assert stats["refresh_presented_twice"] == 1 and stats["presented_twice_by_user"] == {"fay": 1}
-        metrics = {k.decode(): v.decode() for k, v in c.redis.hgetall("credbroker:metrics").items()}
+        metrics = {k.decode(): v.decode() for k, v in c.redis.hgetall(CLUSTER_HASH).items()}
         assert metrics.get('credbroker_rotation_lost_total{server="gh"}') == "1", metrics
         wait_for(lambda: "rotation_lost" in _audit_reasons(c), 10, what="the rotation_lost audit event")
     finally:
@@ -287,7 +288,7 @@ def _audit_reasons(c: Cluster) -> set[str]:
         reasons = {r.reason for r in rows}
     finally:
         store.engine.dispose()
-    for _, fields in c.redis.xrange("credbroker:audit"):  # not yet moved to SQL (no beat here)
+    for _, fields in c.redis.xrange(AUDIT_STREAM):  # not yet moved to SQL (no beat here)
         reasons.add(json.loads(fields[b"e"]).get("reason") or "")
     return reasons
 
