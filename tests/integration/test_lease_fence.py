@@ -101,11 +101,16 @@ def test_scenario_1_a_redelivered_running_task_stands_down(tmp_path: Path, sandb
         c.stop()
 
 
-def test_scenario_2_a_lost_claim_mid_call_lets_no_second_flight_present(tmp_path: Path, sandbox: Any) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_scenario_2_a_lost_claim_mid_call_lets_no_second_flight_present(tmp_path: Path, sandbox: Any,
+                                                                         database: str,
+                                                                         request: pytest.FixtureRequest) -> None:
     """The claim key vanishes 0.5 s into a 2.5 s refresh; the next flight waits on
-    the row's lease instead of presenting the same refresh token."""
+    the row's lease (in the database's clock, on SQLite and PostgreSQL) instead of
+    presenting the same refresh token."""
     sandbox.provider.configure(access_token_ttl=3, rotate_refresh_tokens=True)
-    c = Cluster(tmp_path, sandbox.url, extra_env=FAST)
+    url = request.getfixturevalue("pg_url") if database == "postgresql" else None
+    c = Cluster(tmp_path, sandbox.url, database_url=url, extra_env=FAST)
     try:
         c.start_worker("w1", concurrency=2)
         connect(c, "bea")
