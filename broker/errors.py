@@ -36,6 +36,7 @@ __all__ = [
     "ServiceUnavailable",
     "ResolveTimeout",
     "UpstreamError",
+    "UpstreamOutcomeUnknown",
     "CredentialUnavailable",
     "NotConnected",
     "SubjectTokenMissing",
@@ -63,6 +64,8 @@ OAUTH_ERROR_CODES = frozenset(
         "interaction_required",
         "consent_required",
         "login_required",
+        "invalid_dpop_proof",  # RFC 9449 section 5
+        "use_dpop_nonce",
     }
 )
 
@@ -187,6 +190,12 @@ class UpstreamError(BrokerError):
 
     def extra(self) -> dict[str, Any]:
         return {"status": self.status, "oauth_error": self.oauth_error}
+
+
+class UpstreamOutcomeUnknown(UpstreamError):
+    """The request may have reached the authorization server but no answer came
+    (a read timeout, a connection cut after sending): a refresh token it carried
+    may be spent, so it is not sent again blindly (``broker.lease``)."""
 
 
 class CredentialUnavailable(BrokerError):

@@ -27,7 +27,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
-                 "client_profiles", "grantable_scopes")
+                 "client_profiles", "grantable_scopes", "revoke_family", "client_jwks", "dpop_nonce",
+                 "resource_dpop_nonce")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -45,6 +46,10 @@ class SandboxProvider:
         refresh_reuse_grace: float = 0.0,
         client_profiles: dict[str, str] | None = None,
         grantable_scopes: list[str] | None = None,
+        revoke_family: bool = True,
+        client_jwks: dict[str, dict[str, str]] | None = None,
+        dpop_nonce: str | None = None,
+        resource_dpop_nonce: str | None = None,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -64,6 +69,13 @@ class SandboxProvider:
             "client_profiles": {k: check_profile_name(v) for k, v in (client_profiles or {}).items()},
             # None: consent grants every requested scope; else only these (a narrowed grant).
             "grantable_scopes": None if grantable_scopes is None else list(grantable_scopes),
+            "revoke_family": revoke_family,
+            # client_id -> registered public JWK: those clients authenticate with private_key_jwt.
+            "client_jwks": {str(k): dict(v) for k, v in (client_jwks or {}).items()},
+            # Set: DPoP proofs at the token endpoint must carry this nonce (RFC 9449 section 8).
+            "dpop_nonce": dpop_nonce,
+            # Set: proofs at /test/resource must carry this nonce (RFC 9449 section 9).
+            "resource_dpop_nonce": resource_dpop_nonce,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -76,6 +88,12 @@ class SandboxProvider:
         self.refresh_reuse_grace = refresh_reuse_grace
         self.client_profiles: dict[str, str] = {}
         self.grantable_scopes: list[str] | None = None
+        # False: revoking a refresh token kills only that token, as some
+        # providers do (RFC 7009 leaves it open), not its whole family.
+        self.revoke_family = revoke_family
+        self.client_jwks: dict[str, dict[str, str]] = {}
+        self.dpop_nonce: str | None = None
+        self.resource_dpop_nonce: str | None = None
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -94,9 +112,13 @@ class SandboxProvider:
                     value = {str(k): check_profile_name(str(v)) for k, v in dict(value).items()}
                 elif name == "grantable_scopes":
                     value = None if value is None else [str(v) for v in value]
+                elif name == "client_jwks":
+                    value = {str(k): dict(v) for k, v in dict(value).items()}
+                elif name in ("dpop_nonce", "resource_dpop_nonce"):
+                    value = None if value is None else str(value)
                 elif name == "refresh_reuse_grace":
                     value = float(value)
-                elif name == "rotate_refresh_tokens":
+                elif name in ("rotate_refresh_tokens", "revoke_family"):
                     value = bool(value)
                 else:
                     value = int(value)
@@ -121,7 +143,16 @@ class SandboxProvider:
             self._reuse_detected = 0
             self._grace_reuses = 0
             self._refresh_rotations = 0
+            # refresh token -> times presented, and the tokens presented twice or more per user
+            self._presented: dict[str, int] = {}
+            self._presented_twice_by_user: dict[str, int] = {}
+            self._arrivals: dict[str, int] = {}  # requests that reached the front door, per endpoint
             self._faults_served = 0
+            # jti -> until when it is remembered: one-time client assertions and DPoP proofs.
+            self.seen_assertion_jtis: dict[str, float] = {}
+            self.seen_proof_jtis: dict[str, float] = {}
+            self._dpop_bound = 0
+            self._resource_calls = {"ok": 0, "rejected": 0}
 
     # -- tokens ------------------------------------------------------------
 
@@ -221,6 +252,39 @@ class SandboxProvider:
         with self.lock:
             self._grace_reuses += 1
 
+    def count_dpop_bound(self) -> None:
+        with self.lock:
+            self._dpop_bound += 1
+
+    def count_resource_call(self, ok: bool) -> None:
+        with self.lock:
+            self._resource_calls["ok" if ok else "rejected"] += 1
+
+    def bind_to_dpop_key(self, body: dict[str, Any], jkt: str) -> dict[str, Any]:
+        """Re-sign the issued access token with ``cnf.jkt`` (RFC 9449 section 6) and
+        bind the refresh token family to the same key."""
+        with self.lock:
+            token = self.store.opaque.get(body["access_token"], body["access_token"])
+            claims = jwt.decode(token, self._key)
+            claims["cnf"] = {"jkt": jkt}
+            refresh = body.get("refresh_token")
+            if refresh and refresh in self.store.refresh:
+                self.store.families[self.store.refresh[refresh].family_id].jkt = jkt
+            self._dpop_bound += 1
+            return {**body, "access_token": jwt.encode(claims, self._key), "token_type": "DPoP"}
+
+    def count_arrival(self, endpoint: str) -> None:
+        with self.lock:
+            self._arrivals[endpoint] = self._arrivals.get(endpoint, 0) + 1
+
+    def count_presentation(self, token: str, sub: str) -> None:
+        """A known refresh token was presented; the second time counts it as reused."""
+        with self.lock:
+            n = self._presented.get(token, 0) + 1
+            self._presented[token] = n
+            if n == 2:
+                self._presented_twice_by_user[sub] = self._presented_twice_by_user.get(sub, 0) + 1
+
     def count_rotation(self) -> None:
         with self.lock:
             self._refresh_rotations += 1
@@ -235,8 +299,14 @@ class SandboxProvider:
                 "reuse_detected": self._reuse_detected,
                 "grace_reuses": self._grace_reuses,
                 "refresh_rotations": self._refresh_rotations,
+                "refresh_presentations": sum(self._presented.values()),
+                "refresh_presented_twice": sum(self._presented_twice_by_user.values()),
+                "presented_twice_by_user": dict(self._presented_twice_by_user),
+                "arrivals": dict(self._arrivals),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
+                "dpop_bound_tokens": self._dpop_bound,
+                "resource_calls": dict(self._resource_calls),
             }
 
     # -- request log -------------------------------------------------------
