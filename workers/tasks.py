@@ -20,7 +20,7 @@ from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used, restore_used
-from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
+from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
@@ -206,7 +206,7 @@ def persist_audit() -> dict[str, int]:
 @task_postrun.connect
 def _release_claim(sender: Any = None, task_id: str | None = None, args: Any = None, **_: Any) -> None:
     """The result is stored: release the pair's claim if this task still holds it."""
-    if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH) or not task_id or not args:
+    if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH, TASK_WARM) or not task_id or not args:
         return
     value = _executions.pop(task_id, None)
     if value is None:

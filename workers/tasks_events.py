@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 import httpx
-from celery.signals import task_postrun, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from broker.audit import SqlAuditLog
 from broker.errors import BrokerError
@@ -25,7 +25,7 @@ from broker.events import Event, EventLog, announce_expired
 
 from .auditstream import persist_audit_batch
 from .celery_app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
-from .constants import PREFIX, flight_key
+from .constants import PREFIX
 from .metrics import cluster_incr
 from .outcomes import raise_if_failed
 from .runtime import Runtime, runtime
@@ -74,19 +74,6 @@ def warm_user_task(user_id: str, servers: list[str] | None = None, exchange_only
     except BrokerError as exc:
         return {"error": exc.to_dict()}
     return {"queued": plan.queued, "skipped": plan.skipped, "started": len(started)}
-
-
-@task_postrun.connect
-def _release_warm_claim(sender: Any = None, task_id: str | None = None, args: Any = None, **_: Any) -> None:
-    if sender is None or sender.name != TASK_WARM or not task_id or not args:
-        return
-    try:
-        rt = runtime()
-        server = rt.servers.get(args[1])
-        if server is not None:
-            rt.claims.release(flight_key(args[0], server.key), task_id)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("claim release failed: %s", type(exc).__name__)
 
 
 # -- webhooks -------------------------------------------------------------------------
