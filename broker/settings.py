@@ -69,6 +69,9 @@ class Settings:
     recent_use_seconds: float = 86400.0
     refresh_scan_seconds: float = 5.0
     refresh_jitter_seconds: float = 2.0
+    # Per-credential backoff after a failed renewal: first delay and cap.
+    renewal_backoff_seconds: float = 10.0
+    renewal_backoff_max_seconds: float = 3600.0
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
@@ -115,6 +118,8 @@ SETTING_NAMES: dict[str, str] = {
     "RECENT_USE_SECONDS": "recent_use_seconds",
     "REFRESH_SCAN_SECONDS": "refresh_scan_seconds",
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
+    "RENEWAL_BACKOFF_SECONDS": "renewal_backoff_seconds",
+    "RENEWAL_BACKOFF_MAX_SECONDS": "renewal_backoff_max_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
     "STATE_TTL_SECONDS": "state_ttl_seconds",

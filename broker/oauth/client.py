@@ -91,11 +91,11 @@ class OAuthClient:
 
     def _token(
         self, req: TokenRequest, *, obtained_via: ObtainedVia, scopes: tuple[str, ...],
-        audience: str | None,
+        audience: str | None, retry: bool = True,
     ) -> Credential:
         now = self._clock.now()
         try:
-            status, headers, body = self._sender.send(req)
+            status, headers, body = self._sender.send(req, max_attempts=None if retry else 1)
             credential = parse_token_response(
                 status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
                 now=now, audience=audience,
@@ -108,8 +108,11 @@ class OAuthClient:
         self._record(req.grant, None)
         return credential
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
-        """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
+        """A fresh credential from the user's subject token (token_exchange or entra_obo).
+
+        ``retry=False``: one attempt (the caller keeps a valid credential and
+        schedules its own next attempt)."""
         cfg = self.endpoints(server)
         if server.mode == Mode.TOKEN_EXCHANGE:
             req, via = forms.token_exchange_request(cfg, subject_token), ObtainedVia.TOKEN_EXCHANGE
@@ -117,7 +120,8 @@ class OAuthClient:
             req, via = forms.obo_request(cfg, subject_token), ObtainedVia.ENTRA_OBO
         else:
             raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
-        return self._token(req, obtained_via=via, scopes=cfg.scopes, audience=cfg.audience or cfg.resource)
+        return self._token(req, obtained_via=via, scopes=cfg.scopes, audience=cfg.audience or cfg.resource,
+                           retry=retry)
 
     def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
         """Exchange a connect-flow authorization code (with its PKCE verifier)."""
@@ -128,7 +132,7 @@ class OAuthClient:
             audience=cfg.audience or cfg.resource,
         )
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         """Renew with the refresh-token grant.
 
         A rotated refresh token replaces the old one; when the response has
@@ -145,7 +149,7 @@ class OAuthClient:
         scopes = cfg.scopes if sent_scope else (credential.scopes or cfg.scopes)
         renewed = self._token(
             req, obtained_via=credential.obtained_via, scopes=scopes,
-            audience=credential.audience or cfg.audience or cfg.resource,
+            audience=credential.audience or cfg.audience or cfg.resource, retry=retry,
         )
         if renewed.refresh_token is None:
             renewed = renewed.with_changes(refresh_token=credential.refresh_token)

@@ -60,14 +60,14 @@ class FakeOAuth:
                           expires_at=now + timedelta(seconds=self.ttl), scopes=("read",),
                           refresh_token=Secret(canary("rt")) if refresh else None)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
         self.calls.append(("mint", subject_token.reveal()))
         if self.fail:
             raise self.fail
         via = ObtainedVia.ENTRA_OBO if server.mode.value == "entra_obo" else ObtainedVia.TOKEN_EXCHANGE
         return self._issue(via)
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         assert credential.refresh_token is not None
         self.calls.append(("refresh", credential.refresh_token.reveal()))
         if self.fail:
