@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, and_, case, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from . import due_scan
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
 from .db import credentials as T
@@ -40,8 +41,6 @@ KIND_SUBJECT = "subject_token"
 # ``next_attempt_at`` of a mint that failed permanently: no attempt until the
 # user's subject token changes (``put_subject_token`` clears it).
 UNTIL_SUBJECT_CHANGES = datetime(9999, 1, 1, tzinfo=UTC)
-# Statuses the beat renews; needs_reconnect waits for the user.
-_RENEWABLE = (CredentialStatus.CONNECTED.value, CredentialStatus.DEGRADED.value)
 _EXCHANGE_VIA = (ObtainedVia.TOKEN_EXCHANGE.value, ObtainedVia.ENTRA_OBO.value)
 
 P = ParamSpec("P")
@@ -345,70 +344,22 @@ class CredentialStore:
 
     def due_statement(self, now: datetime, used_since: datetime, limit: int = 1000,
                       server_key: str | None = None, offset: int = 0) -> Any:
-        """The due scan's SELECT (see ``due``), for one server when ``server_key``
-        is given; public so its plan can be checked."""
-        cond = [T.c.refresh_at <= now, T.c.refresh_at >= used_since, T.c.last_used_at >= used_since,
-                T.c.status.in_(_RENEWABLE), or_(T.c.next_attempt_at.is_(None), T.c.next_attempt_at <= now)]
-        if server_key is not None:
-            cond.insert(0, T.c.server_key == server_key)
-        stmt = select(T.c.user_id, T.c.server_key).where(and_(*cond)).order_by(T.c.refresh_at).limit(limit)
-        return stmt.offset(offset) if offset else stmt
+        """The due scan's SELECT; public so its plan can be checked."""
+        return due_scan.due_statement(now, used_since, limit, server_key, offset)
 
     @_guarded
     def due(self, now: datetime, used_since: datetime, limit: int = 1000,
             server_keys: Iterable[str] | None = None) -> builtins.list[tuple[str, str]]:
-        """(user_id, server_key) pairs whose refresh point has passed, that were
-        used recently and are not backing off: indexed range scans on
-        ``(server_key, refresh_at)``.
-
-        With ``server_keys``, each server gets a fair share of ``limit`` (one
-        bounded query per server; what quiet servers leave goes to busy ones),
-        interleaved, so thousands of due credentials of a failing server never
-        hide a healthy server's. The range starts at ``used_since`` too: an idle
-        credential's refresh point stays in the past forever, and without a
-        lower bound every one of them would be read on every scan. A credential
-        in use cannot sit past its refresh point for long (a caller's flight
-        renews it), and one in backoff has its ``refresh_at`` moved to its next
-        attempt, so the cost grows with the number due, not the number stored.
-        """
-        with self.engine.connect() as conn:
-            if server_keys is None:
-                return [(r.user_id, r.server_key) for r in conn.execute(self.due_statement(now, used_since, limit))]
-            keys = builtins.list(dict.fromkeys(server_keys))
-            if not keys or limit <= 0:
-                return []
-            share = max(1, limit // len(keys))
-            picked: dict[str, builtins.list[tuple[str, str]]] = {}
-            for key in keys:
-                rows = conn.execute(self.due_statement(now, used_since, share, server_key=key)).all()
-                picked[key] = [(r.user_id, r.server_key) for r in rows]
-            left = limit - sum(len(v) for v in picked.values())
-            hungry = [k for k in keys if len(picked[k]) == share]
-            if left > 0 and hungry:
-                extra = max(1, left // len(hungry))
-                for key in hungry:
-                    rows = conn.execute(self.due_statement(now, used_since, extra, server_key=key,
-                                                           offset=share)).all()
-                    picked[key].extend((r.user_id, r.server_key) for r in rows)
-        return _interleave([picked[k] for k in keys])[:limit]
+        """Pairs to renew now, a fair share per server (see ``due_scan.due``)."""
+        return due_scan.due(self.engine, now, used_since, limit, server_keys)
 
     def keepalive_statement(self, now: datetime, limit: int = 1000) -> Any:
-        """The keep-alive scan's SELECT (see ``keepalive_due``)."""
-        return (
-            select(T.c.user_id, T.c.server_key)
-            .where(and_(T.c.keepalive_at <= now, T.c.status.in_(_RENEWABLE),
-                        or_(T.c.next_attempt_at.is_(None), T.c.next_attempt_at <= now)))
-            .order_by(T.c.keepalive_at)
-            .limit(limit)
-        )
+        return due_scan.keepalive_statement(now, limit)
 
     @_guarded
     def keepalive_due(self, now: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
-        """Pairs whose refresh token must be exercised now, used or not: an indexed
-        range scan on ``keepalive_at``, which every renewal moves forward (and a
-        failure moves to the next attempt), so only the due are read."""
-        with self.engine.connect() as conn:
-            return [(r.user_id, r.server_key) for r in conn.execute(self.keepalive_statement(now, limit))]
+        """Pairs whose idle refresh token must be exercised now (see ``due_scan``)."""
+        return due_scan.keepalive_due(self.engine, now, limit)
 
     # -- subject tokens ------------------------------------------------------
 
@@ -524,10 +475,3 @@ class CredentialStore:
             last = tuple(getattr(rows[-1], k.name) for k in keys)
             yield len(rows)
 
-
-def _interleave(lists: builtins.list[builtins.list[tuple[str, str]]]) -> builtins.list[tuple[str, str]]:
-    """Round-robin over the servers' lists, so no server's flights all go first."""
-    out: builtins.list[tuple[str, str]] = []
-    for i in range(max((len(x) for x in lists), default=0)):
-        out.extend(x[i] for x in lists if i < len(x))
-    return out
