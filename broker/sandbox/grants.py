@@ -147,6 +147,7 @@ def _authorization_code(provider: SandboxProvider, client_id: str, form: Form) -
     family = store.new_family(client_id=client_id, sub=record.user, scope=record.scope, aud=aud)
     record.family_id = family.family_id
     refresh = store.new_refresh(family)
+    refresh.active_at = provider.clock()
     token = provider.mint_access_token(
         sub=record.user, aud=aud, scope=record.scope, client_id=client_id, family_id=family.family_id
     )
@@ -164,6 +165,9 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         raise OAuthError("invalid_grant", "refresh token was issued to another client")
     if family.revoked:
         raise OAuthError("invalid_grant", "refresh token revoked")
+    idle = provider.refresh_idle_seconds
+    if idle and not record.used and provider.clock() - record.active_at > idle:
+        raise OAuthError("invalid_grant", "refresh token expired from disuse")
     rotation = provider.rotate_refresh_tokens
     if rotation and record.used:
         # Auth0's "reuse interval" / Okta's grace period: a client that lost the
@@ -188,8 +192,12 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         if not record.used:
             record.used = True
             record.used_at = provider.clock()
-        body["refresh_token"] = store.new_refresh(family).token
+        rotated = store.new_refresh(family)
+        rotated.active_at = provider.clock()
+        body["refresh_token"] = rotated.token
         provider.count_rotation()
+    else:
+        record.active_at = provider.clock()
     provider.count_grant("refresh_token", family.sub)
     return body
 

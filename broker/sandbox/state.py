@@ -25,7 +25,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
     "public-client": None,
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
-_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace")
+_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
+                 "refresh_idle_seconds")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -41,6 +42,7 @@ class SandboxProvider:
         rotate_refresh_tokens: bool = True,
         clock_skew: int = 0,
         refresh_reuse_grace: float = 0.0,
+        refresh_idle_seconds: float = 0.0,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -56,6 +58,8 @@ class SandboxProvider:
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "clock_skew": clock_skew,
             "refresh_reuse_grace": refresh_reuse_grace,
+            # Refresh tokens unused this long die of disuse (Google, Atlassian); 0: never.
+            "refresh_idle_seconds": refresh_idle_seconds,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -66,6 +70,7 @@ class SandboxProvider:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.clock_skew = clock_skew
         self.refresh_reuse_grace = refresh_reuse_grace
+        self.refresh_idle_seconds = refresh_idle_seconds
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -81,6 +86,8 @@ class SandboxProvider:
                     value = dict(value)
                 elif name == "rotate_refresh_tokens":
                     value = bool(value)
+                elif name in ("refresh_reuse_grace", "refresh_idle_seconds"):
+                    value = float(value)
                 else:
                     value = int(value)
                 setattr(self, name, value)
