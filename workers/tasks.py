@@ -13,7 +13,7 @@ from typing import Any
 
 from celery.signals import task_postrun, worker_process_init
 
-from broker.audit import Action, Outcome, SqlAuditLog
+from broker.audit import Action, SqlAuditLog
 from broker.errors import BrokerError, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
 from broker.servers import Mode

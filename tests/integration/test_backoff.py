@@ -33,7 +33,7 @@ from broker.db import make_engine
 from broker.models import CredentialStatus
 from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
 from broker.servers import server_key
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster
 from tests.integration.test_cluster import connect, store_of
 from tests.secrets import find_leaks, register
 
