@@ -157,9 +157,10 @@ class Resolver:
             return None
         if _backing_off(stored, now):
             return None if stored.credential.is_expired(now) else Acquisition(stored.credential, Action.INJECT)
-        keepalive = stored.keepalive_at is not None and now >= stored.keepalive_at
-        if not self._due(stored.credential, now) and not keepalive:
-            return Acquisition(stored.credential, Action.INJECT)
+        if not self._due(stored.credential, now):
+            if stored.keepalive_at is None or now < stored.keepalive_at:
+                return Acquisition(stored.credential, Action.INJECT)
+            trigger = "keepalive"  # exercise the idle refresh token before it dies of disuse
         try:
             result = self._renew(user_id, server, stored, now, guard=guard)
         except BrokerError as exc:

@@ -33,7 +33,7 @@ from broker.db import make_engine
 from broker.models import CredentialStatus
 from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
 from broker.servers import server_key
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, store_of
 from tests.secrets import find_leaks, register
 
@@ -200,3 +200,43 @@ def test_scans_use_their_indexes_on_postgresql(pg_url: str) -> None:
     engine.dispose()
     assert "ix_credentials_server_refresh_at" in plans["due"], plans["due"]
     assert "ix_credentials_keepalive_at" in plans["keepalive"], plans["keepalive"]
+
+
+def test_a_failed_proactive_refresh_keeps_the_good_cache_entry(tmp_path: Path, providers: dict[str, SandboxHandle],
+                                                               pg_url: str) -> None:
+    """The beat's refresh fails; callers stay on the fast path with the cached
+    credential instead of being sent to the failing provider."""
+    from workers.constants import cache_key
+    from workers.metrics import METRICS
+
+    register(SECRET)
+    handle = providers["healthy"]
+    handle.provider.configure(access_token_ttl=40)  # refresh point 8 s (20 %), cached until 38 s
+    server = _server("healthy", handle.url)
+    c = Cluster(tmp_path, handle.url, database_url=pg_url, servers=[server],
+                extra_env={"CREDBROKER_NEAR_EXPIRY_SECONDS": "2", "CREDBROKER_REFRESH_FRACTION": "0.2",
+                           "CREDBROKER_REFRESH_SCAN_SECONDS": "0.5", "CREDBROKER_REFRESH_JITTER_SECONDS": "0.1"})
+    try:
+        c.start_worker("w1", concurrency=2)
+        connect(c, "alice", "healthy")
+        key = cache_key("alice", server_key("healthy", server["url"]))
+        with c.client() as client:
+            first = client.resolve("alice", "healthy", timeout=20)  # a flight; cached from here on
+            handle.provider.set_fault("token", "503", retry_after=2)
+            c.start_beat()
+            wait_for(lambda: refresh_times(handle), 30, 0.1, what="the beat's refresh attempt")
+            time.sleep(0.5)  # let the failed flight finish writing
+            flights = METRICS.value("credbroker_resolves_total", outcome="ok", path="flight")
+            for _ in range(20):
+                assert client.resolve("alice", "healthy", timeout=20).value == first.value
+            ttl_ms = c.redis.pttl(key)
+            assert METRICS.value("credbroker_resolves_total", outcome="ok", path="flight") == flights
+    finally:
+        c.stop()
+    # until 2 s before expiry, not a 5-second stale entry
+    assert ttl_ms > 15_000, ttl_ms
+    assert len(next(iter(refresh_times(handle).values()))) <= 2
+    with handle.provider.lock:
+        for tok in handle.provider.store.refresh:
+            register(tok)
+    assert find_leaks(c.all_logs()) == []

@@ -188,7 +188,9 @@ def test_keepalive_renews_an_idle_refresh_token_before_its_idle_limit(env: Any) 
     clock.advance(800)
     assert store.keepalive_due(clock.now()) == [("alice", GH)]
     assert resolver.renew_if_due("alice", "gh") is not None and len(oauth.calls) == 1
+    assert (resolver.audit.events[-1].action.value, resolver.audit.events[-1].reason) == ("refresh", "keepalive")
     row = store.get("alice", GH)
+    assert row.last_used_at is None  # a keep-alive is not a use
     assert row.keepalive_at == clock.now() + timedelta(seconds=IDLE * 0.8)
     assert store.keepalive_due(clock.now()) == []
     # a failed keep-alive backs off like any renewal, and leaves the range meanwhile
