@@ -218,6 +218,11 @@ class Resolver:
                                                       failure="no_refresh_token", failure_count=stored.failure_count,
                                                       next_attempt_at=cred.expires_at)
                         return _Outcome(cred, Action.REFRESH, Outcome.STALE, "no_refresh_token")
+                    # Expired with nothing to renew it: only the user can help (and the
+                    # beat stops looking at it).
+                    self.store.record_failure(user_id, server.key, expected_version=stored.version,
+                                              failure="no_refresh_token", failure_count=stored.failure_count,
+                                              next_attempt_at=None, status=CredentialStatus.NEEDS_RECONNECT)
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
                 _check(guard)
                 # While the credential is valid a failure costs nobody anything: one

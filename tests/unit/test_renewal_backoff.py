@@ -204,3 +204,20 @@ def test_keepalive_renews_an_idle_refresh_token_before_its_idle_limit(env: Any) 
     oauth.fail = None
     resolver.resolve("alice", "tx")
     assert store.get("alice", TX).keepalive_at is None
+
+
+def test_a_credential_without_refresh_token_leaves_the_due_scan_until_it_expires(env: Any) -> None:
+    resolver, store, oauth, clock = env
+    store.put("alice", GH, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=False))
+    store.touch("alice", GH, clock.now())
+    clock.advance(500)
+    since = clock.now() - timedelta(hours=1)
+    assert store.due(clock.now(), since, server_keys=[GH]) == [("alice", GH)]
+    resolver.renew_if_due("alice", "gh")
+    assert store.due(clock.now(), since, server_keys=[GH]) == []  # nothing to try before it expires
+    assert resolver.resolve("alice", "gh").value.reveal().startswith("token ")
+    clock.advance(101)
+    with pytest.raises(NotConnected):
+        resolver.resolve("alice", "gh")
+    row = store.get("alice", GH)
+    assert row.status is CredentialStatus.NEEDS_RECONNECT and oauth.calls == []

@@ -205,6 +205,8 @@ def test_connect_without_refresh_token_expired_reconnect(env) -> None:  # type: 
     with pytest.raises(NotConnected) as info:
         resolver.resolve("alice", "gh")
     assert info.value.reason == "reconnect_required" and oauth.calls == []
+    stored = store.get("alice", SERVERS["gh"].key)
+    assert stored is not None and stored.status is CredentialStatus.NEEDS_RECONNECT and stored.refresh_at is None
 
 
 def test_per_user_isolation(env) -> None:  # type: ignore[no-untyped-def]
