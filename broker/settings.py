@@ -209,6 +209,9 @@ def load_settings(
             if fraction > 1.0:
                 raise ConfigError(f"{PREFIX}REFRESH_FRACTION: must be between 0.05 and 1.0")
             values[attr] = fraction
+        elif name in ("RENEWAL_BACKOFF_SECONDS", "RENEWAL_BACKOFF_MAX_SECONDS"):
+            # Below a second, "backoff" would be a retry loop against a failing server.
+            values[attr] = _number(name, value, float, 1.0)
         elif name == "LOG_LEVEL":
             if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ConfigError(f"{PREFIX}LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR")
@@ -223,6 +226,9 @@ def load_settings(
             values[attr] = _number(name, value, float, 0.0)
         else:
             values[attr] = value
+    base = values.get("renewal_backoff_seconds", defaults.renewal_backoff_seconds)
+    if values.get("renewal_backoff_max_seconds", defaults.renewal_backoff_max_seconds) < base:  # type: ignore[operator]
+        raise ConfigError(f"{PREFIX}RENEWAL_BACKOFF_MAX_SECONDS: must be at least RENEWAL_BACKOFF_SECONDS")
     known = {f.name for f in fields(Settings)}
     assert set(values) <= known
     return Settings(**values)  # type: ignore[arg-type]
