@@ -281,7 +281,8 @@ class Resolver:
             retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
             delay = next_attempt_delay(failures, retry_after=retry_after, base=self.backoff_seconds,
                                        cap=self.backoff_max_seconds, rand=self.rand)
-            next_at = now + timedelta(seconds=delay)
+            # From the answer, not the flight's start: Retry-After counts from the response.
+            next_at = self.clock.now() + timedelta(seconds=delay)
         self.store.record_failure(user_id, server.key, expected_version=stored.version, failure=reason,
                                   failure_count=failures, next_attempt_at=next_at,
                                   status=CredentialStatus.DEGRADED if valid else None)
