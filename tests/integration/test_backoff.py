@@ -73,11 +73,13 @@ def providers() -> Iterator[dict[str, SandboxHandle]]:
             h.stop()
 
 
-def refresh_times(handle: SandboxHandle) -> dict[str, list[float]]:
-    """When each refresh token was presented, by token (one per credential here)."""
+def refresh_times(handle: SandboxHandle, fault: str | None = None) -> dict[str, list[float]]:
+    """When each refresh token was presented, by token; with ``fault``, only the
+    requests answered by that fault (a token stays the same while refreshes fail,
+    so it names one credential)."""
     seen: dict[str, list[float]] = defaultdict(list)
     for req in handle.provider.requests("token"):
-        if req["grant_type"] == "refresh_token":
+        if req["grant_type"] == "refresh_token" and (fault is None or req["fault"] == fault):
             seen[req["form"]["refresh_token"]].append(req["at"])
     return dict(seen)
 
@@ -130,8 +132,9 @@ def test_backoff_permanent_failure_keepalive_and_fair_scan(tmp_path: Path, provi
                 time.sleep(max(0.0, tick - time.monotonic()))
             ivy_checked = time.time()
 
-        flaky = refresh_times(providers["flaky"])
-        revoked = refresh_times(providers["revoked"])
+        # (a load-slowed setup may renew a credential before the faults are armed)
+        flaky = refresh_times(providers["flaky"], "503")
+        revoked = refresh_times(providers["revoked"], "invalid_grant")
         idle = sorted(t for ts in refresh_times(providers["idle"]).values() for t in ts)
         healthy_stats = providers["healthy"].provider.stats()
         store = store_of(c)
