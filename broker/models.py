@@ -101,6 +101,10 @@ class StoredCredential:
     next_attempt_at: datetime | None = None
     failure_count: int = 0
     keepalive_at: datetime | None = None
+    # The lease fence (see ``broker.lease``): who may present this row's
+    # refresh or subject token now, and until when in the database's clock.
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
 
 
 def refresh_point(
