@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from . import due_scan
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
+from .dpop import DPoPKey
 from .db import credentials as T
 from .db import db_now
 from .db import subject_tokens as S
@@ -135,6 +136,12 @@ class CredentialStore:
         if payload is None:
             return None
         refresh = payload.get("r")
+        try:
+            dpop_key = DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None
+        except (ValueError, KeyError, TypeError):
+            self.decrypt_failures += 1
+            log.warning("unreadable DPoP key in credential record for user %r server %s", row.user_id, row.server_key[:12])
+            return None
         cred = Credential(
             access_token=Secret(payload["a"]),
             refresh_token=Secret(refresh) if refresh else None,
@@ -144,6 +151,7 @@ class CredentialStore:
             issued_at=row.issued_at,
             scopes=tuple(json.loads(row.scopes or "[]")),
             audience=row.audience,
+            dpop_key=dpop_key,
         )
         return StoredCredential(
             user_id=row.user_id,
@@ -164,10 +172,12 @@ class CredentialStore:
 
     def _values(self, user_id: str, server_key: str, cred: Credential, status: CredentialStatus,
                 now: datetime, failure: str | None) -> dict[str, Any]:
-        blob, kid = self._seal(
-            {"a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None},
-            KIND_CREDENTIAL, user_id, server_key,
-        )
+        payload: dict[str, Any] = {
+            "a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None,
+        }
+        if cred.dpop_key is not None:
+            payload["d"] = cred.dpop_key.to_private_jwk()  # sealed with the tokens it binds
+        blob, kid = self._seal(payload, KIND_CREDENTIAL, user_id, server_key)
         return {
             "ciphertext": blob,
             "key_id": kid,
