@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, and_, insert, select
+from sqlalchemy import Engine, and_, delete, insert, select, update
 
 from .clock import utcnow
 from .db import audit_events as A
@@ -38,6 +38,7 @@ class Action(StrEnum):
     REVOKE = "revoke"
     DISCONNECT = "disconnect"
     SUBJECT_TOKEN = "subject_token"
+    ERASE = "erase"
 
 
 class Outcome(StrEnum):
@@ -142,6 +143,29 @@ class SqlAuditLog:
                 conn.execute(insert(A), rows)
         except Exception as exc:  # noqa: BLE001 - driver errors may quote values
             log.warning("audit write failed: %s", type(exc).__name__)
+            raise ServiceUnavailable("database unavailable") from None
+
+    def pseudonymise(self, user_id: str, pseudonym: str) -> int:
+        """Replace a user's id in every past event (erasure keeps the trail, not the person)."""
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(update(A).where(A.c.user_id == user_id).values(user_id=pseudonym)).rowcount)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("audit pseudonymise failed: %s", type(exc).__name__)
+            raise ServiceUnavailable("database unavailable") from None
+
+    def prune(self, before: datetime, batch_size: int = 5000) -> int:
+        """Delete up to ``batch_size`` of the oldest events older than ``before``.
+
+        One short transaction per batch, so retention never holds a long lock;
+        the caller repeats while a full batch was deleted.
+        """
+        ids = select(A.c.id).where(A.c.ts < before).order_by(A.c.id).limit(batch_size).scalar_subquery()
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(delete(A).where(A.c.id.in_(ids))).rowcount)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("audit prune failed: %s", type(exc).__name__)
             raise ServiceUnavailable("database unavailable") from None
 
     def query(

@@ -123,7 +123,7 @@ class ServerRegistry(Mapping[str, ServerConfig]):
         try:
             return self._by_name[name]
         except KeyError:
-            raise UnknownServer(f"unknown server {name!r}") from None
+            raise UnknownServer() from None  # never echo the submitted name
 
     def by_key(self, key: str) -> ServerConfig | None:
         return self._by_key.get(key)

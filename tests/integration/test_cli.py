@@ -34,6 +34,7 @@ from broker.settings import PREFIX
 from broker.store import CredentialStore
 from tests.cluster import Cluster, wait_for
 from tests.conftest import key_line
+from tests.integration.connect_browser import ConnectBrowser
 from tests.secrets import assert_no_leak, canary, register
 
 pytestmark = pytest.mark.integration
@@ -467,8 +468,10 @@ def test_up_demo_resolves_and_connects(up_factory: Any) -> None:
         answer = api.post("/v1/resolve", json={"user_id": "demo-user", "server": "demo-connect"})
         assert answer.status_code == 409, answer.text
         assert answer.json()["error"] == "not_connected"
-        page = httpx.get(answer.json()["connect_url"] + "&consent=approve", follow_redirects=True, timeout=30)
-        assert page.status_code == 200 and page.url.path == "/v1/connect/callback"
+        with ConnectBrowser() as browser:
+            page = browser.consent(answer.json()["connect_url"], user="demo-user")
+            assert page.status_code == 200 and page.url.path == "/v1/connect/callback"
+            assert browser.confirm(page).status_code == 200
 
         answer = api.post("/v1/resolve", json={"user_id": "demo-user", "server": "demo-connect"})
         assert answer.status_code == 200, answer.text
