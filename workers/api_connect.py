@@ -143,7 +143,10 @@ async def _form_state(request: Request) -> str | None:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             return None
-    values = parse_qs(body.decode("ascii", "replace"), max_num_fields=4).get("state")
+    try:
+        values = parse_qs(body.decode("ascii", "replace"), max_num_fields=4).get("state")
+    except ValueError:  # too many fields: not our form
+        return None
     return values[0] if values else None
 
 
