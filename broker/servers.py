@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
 import os
@@ -83,6 +84,9 @@ class AuthBrokerConfig:
     requested_token_type: str = ACCESS_TOKEN_TYPE
     header: str = DEFAULT_HEADER
     header_format: str = DEFAULT_HEADER_FORMAT
+    # Hosts (besides the issuer's) that discovered endpoints may name; listed
+    # hosts may also resolve to private addresses (an explicit operator choice).
+    discovery_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ _AUTH_FIELDS = frozenset(
     {
         "mode", "token_endpoint", "authorization_endpoint", "revocation_endpoint",
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
-        "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
+        "scopes", "resource", "audience", "requested_token_type", "header", "header_format", "discovery_hosts",
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -152,6 +156,22 @@ def _endpoint(raw: Mapping[str, object], key: str, label: str) -> str | None:
     if key == "issuer" and "?" in value:  # RFC 8414 §2: no query or fragment
         raise field_error(label, field, "must not contain a query")
     return value
+
+
+_HOST_RE = re.compile(r"^[a-z0-9.-]{1,253}(:[0-9]{1,5})?$|^\[[0-9a-f:]+\](:[0-9]{1,5})?$")
+
+
+def _hosts(raw: Mapping[str, object], label: str) -> tuple[str, ...]:
+    value = raw.get("discovery_hosts")
+    if value is None:
+        return ()
+    field = "auth_broker.discovery_hosts"
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise field_error(label, field, "must be a list of host names")
+    hosts = tuple(h.strip().lower() for h in value)
+    if not all(_HOST_RE.match(h) for h in hosts):
+        raise field_error(label, field, "each entry must be a bare host name (optionally :port), no scheme or path")
+    return hosts
 
 
 def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str]) -> Secret | None:
@@ -239,6 +259,7 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
         header=check_header(text("header"), label, "auth_broker.header"),
         header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+        discovery_hosts=_hosts(raw, label),
     )
 
 
