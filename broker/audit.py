@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ from .db import audit_events as A
 from .errors import ServiceUnavailable
 
 __all__ = ["Action", "Outcome", "AuditEvent", "AuditSink", "SqlAuditLog", "MemoryAuditSink", "reason_code",
-           "record_event"]
+           "record_event", "prune_expired"]
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +205,22 @@ class SqlAuditLog:
             d["ts"] = d["ts"].isoformat()
             out.append(d)
         return out
+
+
+def prune_expired(sql: SqlAuditLog, now: datetime, retention_days: int, batch_size: int = 5000,
+                  max_batches: int = 20) -> int:
+    """Delete events older than the retention, a batch per transaction; returns how many.
+
+    Stops after ``max_batches`` so one run stays short; the next run goes on.
+    ``retention_days`` 0 keeps everything.
+    """
+    if retention_days <= 0:
+        return 0
+    before = now - timedelta(days=retention_days)
+    deleted = 0
+    for _ in range(max_batches):
+        n = sql.prune(before, batch_size)
+        deleted += n
+        if n < batch_size:
+            break
+    return deleted
