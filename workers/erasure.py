@@ -56,8 +56,9 @@ def erase_user(rt: Runtime, user_id: str, request_id: str | None = None) -> int:
             removed += int(remove_credential(rt, user_id, name, request_id))  # revokes upstream first
         else:  # a server removed from the config: no endpoint left to revoke at
             removed += int(rt.store.delete(user_id, stored.server_key))
+    removed += rt.store.delete_user(user_id)  # rows no key here can read (nothing to revoke with)
     rt.store.delete_subject_token(user_id)
-    keys = {s.server_key for s in rt.store.list(user_id)} | set(configured)
+    keys = set(configured)
     try:
         rt.connect.discard_pending(user_id)
         pipe = rt.redis.pipeline(transaction=False)
