@@ -31,6 +31,7 @@ from broker.errors import (
 )
 from broker.secret import Secret
 from broker.settings import load_settings
+from broker.validation import validate_server_name, validate_user_id
 from tests.secrets import assert_no_leak, canary
 from workers.api import create_app
 from workers.api_input import (
@@ -58,7 +59,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
     (b"[1, 2]", "must be a JSON object"),
     (b'"text"', "must be a JSON object"),
     (b"\xff\xfe{}", "not UTF-8"),
-    (b'{"a": 1, "a": 2}', "duplicate field 'a'"),
+    (b'{"a": 1, "a": 2}', "a field appears twice"),
     (b'{"a": NaN}', "NaN"),
     (b'{"a": ' + b"[" * 9 + b"]" * 9 + b"}", "nested deeper"),
     (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "larger than"),
@@ -82,8 +83,9 @@ def test_malformed_json_message_does_not_quote_the_body() -> None:
 
 
 def test_fields_unknown_and_missing() -> None:
-    with pytest.raises(InvalidRequest, match="unknown field.*'usr'"):
+    with pytest.raises(InvalidRequest, match="unknown field.*1 not recognised; allowed: server, user_id") as info:
         check_fields({"usr": "a", "server": "x"}, ("user_id", "server"))
+    assert "usr" not in info.value.message  # a submitted name is never echoed
     with pytest.raises(InvalidRequest, match="^user_id: required"):
         check_fields({"server": "x"}, ("user_id", "server"))
     check_fields({"user_id": "a", "server": "x", "timeout": 2}, ("user_id", "server"), ("timeout",))
@@ -357,3 +359,21 @@ def test_escaped_control_and_surrogate_user_ids(user_id: str) -> None:
     body = parse_json_object(('{"user_id": "' + user_id + '", "server": "x"}').encode())
     with pytest.raises(InvalidRequest, match="^user_id"):
         validate_user_id(body["user_id"])
+
+
+def test_no_error_message_echoes_a_submitted_value() -> None:
+    """Issue 12: names and values a caller sends never come back in a message."""
+    from broker.errors import UnknownServer
+    from broker.servers import ServerRegistry
+
+    marker = "<script>cbtest-echo</script>"
+    messages = []
+    for call in (lambda: ServerRegistry([]).get_server(marker),
+                 lambda: check_fields({marker: 1, "server": "x"}, ("user_id", "server")),
+                 lambda: parse_json_object(('{"' + marker + '": 1, "' + marker + '": 2}').encode()),
+                 lambda: validate_user_id(marker + "/x"),
+                 lambda: validate_server_name(marker + "/x")):
+        with pytest.raises((InvalidRequest, UnknownServer)) as info:
+            call()
+        messages.append(str(info.value.to_dict()))
+    assert not [m for m in messages if "cbtest-echo" in m or "script" in m], messages
