@@ -42,7 +42,7 @@ __all__ = ["connect_start", "connect_open", "connect_callback", "connect_confirm
 
 log = logging.getLogger("workers.api")
 
-METRICS.describe("credbroker_connect_callbacks_total", "counter", "Connect callbacks by outcome (ok or a coarse reason)")
+METRICS.describe("credbroker_connect_callbacks_total", "counter", "Connect callbacks by outcome (confirm: the confirmation page was shown; else a coarse reason)")
 METRICS.describe("credbroker_connect_steps_total", "counter",
                  "Connect link opens, confirmations and gateway completions by outcome")
 
