@@ -2,18 +2,20 @@
 
 Routes are the contract table of DESIGN.md, plus the operational ones:
 
-* every ``/v1`` route except the browser callback, and ``/metrics``, need a
+* every ``/v1`` route except the browser's connect routes (open, callback,
+  confirm), and ``/metrics``, need a
   service bearer key from ``CREDBROKER_API_KEYS``; with no key configured they
   answer 401 (and a warning is logged at start): there is no unauthenticated
   mode, a development setup sets a key like any other.
 * ``/healthz``, ``/readyz`` and ``/openapi.json`` are open, for probes that
   cannot hold a secret; they show no user data.
 
-Every response carries ``X-Request-ID`` (the caller's, if it is a plain short
-id, else a fresh one), which also goes into the audit events of the call.
+Every response carries ``X-Request-ID`` (an authenticated caller's, if it is a
+plain short id, else a fresh one), which also goes into the audit events of the call.
 Blocking work (store, Redis, flights) runs in worker threads, never on the
 event loop. Input rules are in ``api_input``, auth, request ids and error
-mapping in ``api_edge``, the callback pages in ``api_pages``, the OpenAPI
+mapping in ``api_edge``, the connect-flow routes in ``api_connect``, the
+browser pages in ``api_pages``, the OpenAPI
 document in ``api_openapi``.
 """
 
@@ -37,21 +39,20 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from broker.audit import Action, Outcome, SqlAuditLog, record_event
-from broker.connect import ConnectError
-from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
+from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable
 from broker.models import CredentialStatus, StoredCredential, SubjectToken
 from broker.servers import ServerConfig
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
 from .api_connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
-from .api_edge import REQUEST_ID_KEY, Edge, _json_body, _no_store, broker_error, http_error
+from .api_edge import REQUEST_ID_KEY, Edge, broker_error, http_error
+from .api_edge import json_body as _json_body
+from .api_edge import no_store as _no_store
 from .api_input import (
     echo_names,
-    MAX_BODY_BYTES,
     check_fields,
     parse_instant,
-    parse_json_object,
     parse_limit,
     parse_timeout,
     parse_token,

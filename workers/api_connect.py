@@ -28,11 +28,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from broker.audit import Action, Outcome
-from broker.connect import ConnectError, ConnectFlow
+from broker.connect import ConnectError, ConnectFlow, mask_user
 from broker.errors import BrokerError, InvalidRequest, StoreDisabled
 from broker.validation import validate_server_name, validate_user_id
 
-from .api_edge import REQUEST_ID_KEY
+from .api_edge import REQUEST_ID_KEY, json_body, no_store
 from .api_input import MAX_BODY_BYTES, check_fields
 from .api_pages import PAGE_HEADERS, confirm_page, connected_page, failed_page
 from .metrics import METRICS
@@ -86,10 +86,8 @@ def _failed(step: str, exc: Exception) -> Response:
 
 
 async def connect_start(request: Request) -> Response:
-    from .api import _json_body, _no_store
-
     api = request.app.state.api
-    body = await _json_body(request)
+    body = await json_body(request)
     check_fields(body, ("user_id", "server"))
     user_id = validate_user_id(body["user_id"])
     server = api.rt.servers.get_server(validate_server_name(body["server"]))
@@ -97,7 +95,7 @@ async def connect_start(request: Request) -> Response:
         raise StoreDisabled()
     start = await run_in_threadpool(api.rt.connect.start, user_id, server.name)
     api.record(Action.CONNECT, Outcome.SUCCESS, user_id, server.name, "connect", "started", _rid(request))
-    return _no_store({"connect_url": start.connect_url, "expires_at": start.expires_at.isoformat()})
+    return no_store({"connect_url": start.connect_url, "expires_at": start.expires_at.isoformat()})
 
 
 async def connect_open(request: Request) -> Response:
@@ -166,8 +164,6 @@ async def connect_confirm(request: Request) -> Response:
         return _failed("confirm", exc)
     assert state is not None
     METRICS.inc("credbroker_connect_steps_total", step="confirm", outcome="ok")
-    from broker.connect import mask_user
-
     response = connected_page(result.server, mask_user(result.user_id))
     response.delete_cookie(cookie_name(state, secure), path=_cookie_path(secure), secure=secure, httponly=True,
                            samesite="lax")
@@ -176,11 +172,9 @@ async def connect_confirm(request: Request) -> Response:
 
 async def connect_complete(request: Request) -> Response:
     """Gateway mode: the gateway authenticated the browser as ``user_id``."""
-    from .api import _json_body, _no_store
-
     api = request.app.state.api
     flow = _flow(request)
-    body = await _json_body(request)
+    body = await json_body(request)
     check_fields(body, ("state", "code", "user_id"))
     user_id = validate_user_id(body["user_id"])
     state, code = body["state"], body["code"]
@@ -197,4 +191,4 @@ async def connect_complete(request: Request) -> Response:
         raise
     await run_in_threadpool(api.drop_cache, result.user_id, api.rt.servers.get_server(result.server))
     METRICS.inc("credbroker_connect_steps_total", step="complete", outcome="ok")
-    return _no_store({"server": result.server, "status": "connected"})
+    return no_store({"server": result.server, "status": "connected"})

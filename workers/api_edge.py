@@ -28,7 +28,7 @@ from broker.validation import validate_request_id
 from .api_input import MAX_BODY_BYTES, bearer_matches, parse_json_object
 from .metrics import METRICS
 
-__all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error", "_json_body", "_no_store"]
+__all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error", "json_body", "no_store"]
 
 log = logging.getLogger("workers.api")
 
@@ -43,7 +43,7 @@ METRICS.describe("credbroker_http_requests_total", "counter", "HTTP API requests
 METRICS.describe("credbroker_http_request_seconds", "histogram", "HTTP API latency by route")
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, read with a hard size cap."""
     length = request.headers.get("content-length")
     if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES):
@@ -58,7 +58,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return parse_json_object(b"".join(chunks))
 
 
-def _no_store(body: Any, status: int = 200) -> JSONResponse:
+def no_store(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
