@@ -293,8 +293,8 @@ class ConnectFlow:
             # No state consumed: a cross-site POST without the cookie must not burn the user's link.
             raise ConnectError("browser_mismatch",
                                "connect flow failed: this link was opened in another browser; nothing was stored")
-        code = self.states.take_code(state)
-        data, server = self._live(self.states.take(state), request_id)
+        data, code = self.states.take_with_code(state)
+        data, server = self._live(data, request_id)
         if code is None:
             self._audit(Outcome.FAILURE, str(data["u"]), server.name, "missing_code", request_id=request_id)
             raise ConnectError("missing_code")

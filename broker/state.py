@@ -43,6 +43,7 @@ class StateStore(Protocol):
     def binding(self, state: str) -> str | None: ...
     def put_code(self, state: str, code: str, ttl: int) -> None: ...
     def take_code(self, state: str) -> str | None: ...
+    def take_with_code(self, state: str) -> tuple[dict[str, Any] | None, str | None]: ...
     def discard_group(self, group: str) -> int: ...
 
 
@@ -151,6 +152,22 @@ class RedisStateStore:
         except (DecryptError, UnicodeDecodeError):
             return None
 
+    def take_with_code(self, state: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The state and its parked code in one transaction (a double click gets one pair)."""
+        key = state_key(state)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.getdel(key)
+        pipe.getdel(key + _CODE)
+        pipe.delete(key + _BIND)
+        raw, raw_code, _ = pipe.execute()
+        code = None
+        if raw_code is not None:
+            try:
+                code = self.sealer.open(raw_code, key + _CODE).decode()
+            except (DecryptError, UnicodeDecodeError):
+                code = None
+        return self._open(raw, key), code
+
     def discard_group(self, group: str) -> int:
         return int(self._discard(keys=[STATE_GROUP_PREFIX + group], args=[_BIND, _CODE]))
 
@@ -212,6 +229,11 @@ class MemoryStateStore:
     def take_code(self, state: str) -> str | None:
         with self._lock:
             return self._get(state + _CODE, pop=True)  # type: ignore[no-any-return]
+
+    def take_with_code(self, state: str) -> tuple[dict[str, Any] | None, str | None]:
+        with self._lock:
+            self._data.pop(state + _BIND, None)
+            return self._get(state, pop=True), self._get(state + _CODE, pop=True)
 
     def discard_group(self, group: str) -> int:
         with self._lock:

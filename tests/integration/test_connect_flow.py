@@ -513,3 +513,19 @@ def test_failed_revocation_is_audited_and_the_local_delete_still_happens(
     # Not revoked upstream, so the refresh token would still work: that is what the failure audit is for.
     sandbox.provider.set_fault("revoke", None)
     assert oauth.refresh(server, stored.credential).access_token != stored.credential.access_token
+
+
+def test_a_double_click_on_confirm_stores_once(browser_flow: ConnectFlow, sandbox: SandboxHandle,
+                                               store: CredentialStore) -> None:
+    flow = browser_flow
+    for round_ in range(3):
+        user = f"clicker{round_}"
+        state, cookie, authorize_url = open_link(flow, flow.start(user, "gh").connect_url)
+        query = browser(authorize_url, user=user)
+        flow.callback(query["state"], code=query["code"], cookie=cookie)
+
+        outcomes = race(2, lambda: flow.confirm(state, cookie))  # noqa: B023
+
+        assert [o for o in outcomes if isinstance(o, ConnectResult)] == [ConnectResult(user, "gh")]
+        assert store.get(user, flow.servers["gh"].key) is not None
+    assert len(token_grants(sandbox)) == 3  # one redemption per flow
