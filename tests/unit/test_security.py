@@ -103,3 +103,30 @@ def test_the_beat_schedules_audit_retention() -> None:
     app = make_celery(settings())
     assert any(e["task"] == TASK_PRUNE_AUDIT for e in app.conf.beat_schedule.values())
     assert "workers.retention" in make_celery(settings(), main=True).conf.imports
+
+
+def test_the_prune_task_applies_the_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from broker.db import make_engine
+    from broker.migrate import upgrade
+    from broker.settings import Settings
+    from workers.retention import prune_audit
+    from workers.runtime import runtime, set_settings
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    sql = SqlAuditLog(engine)
+    now = datetime.now(UTC)
+    sql.record([AuditEvent(Action.INJECT, Outcome.SUCCESS, user_id="old", ts=now - timedelta(days=31)),
+                AuditEvent(Action.INJECT, Outcome.SUCCESS, user_id="new", ts=now - timedelta(days=1))])
+    try:
+        set_settings(Settings(database_url=url))  # unset: keep everything
+        assert prune_audit() == {"deleted": 0, "retention_days": 0}
+        runtime().close()
+        set_settings(Settings(database_url=url, audit_retention_days=30))
+        assert prune_audit() == {"deleted": 1, "retention_days": 30}
+        runtime().close()
+    finally:
+        set_settings(None)
+        engine.dispose()
+    assert [r["user_id"] for r in sql.query()] == ["new"]
