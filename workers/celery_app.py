@@ -13,6 +13,8 @@ from celery import Celery
 
 from broker.settings import Settings, load_settings
 
+from .tracing import connect_worker_signals
+
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
            "TASK_PRUNE_AUDIT", "QUEUE"]
 
@@ -64,3 +66,4 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
 
 
 app = make_celery(load_settings(), main=True)
+connect_worker_signals()  # OpenTelemetry in workers, only when CREDBROKER_TRACING is set
