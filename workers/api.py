@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from broker.audit import AUDIT_MAX_LIMIT, Action, Outcome, SqlAuditLog, record_event
@@ -133,6 +134,22 @@ def _api(request: Request) -> _Api:
 
 def _rid(request: Request) -> str:
     return str(request.scope[REQUEST_ID_KEY])
+
+
+class _UserIdConvertor(Convertor[str]):
+    """Any text as a user id, newlines and encoded slashes included, so a bad id
+    gets ``validate_user_id``'s 422 naming the field rather than a bare 404."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("userid", _UserIdConvertor())
 
 
 # -- /v1 -------------------------------------------------------------------------
@@ -289,17 +306,17 @@ async def openapi(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/users/{user_id:path}/subject-token", put_subject_token, methods=["PUT"]),
-    Route("/v1/users/{user_id:path}/subject-token", delete_subject_token_route, methods=["DELETE"]),
+    Route("/v1/users/{user_id:userid}/subject-token", put_subject_token, methods=["PUT"]),
+    Route("/v1/users/{user_id:userid}/subject-token", delete_subject_token_route, methods=["DELETE"]),
     Route("/v1/resolve", resolve, methods=["POST"]),
     Route("/v1/connect", connect_start, methods=["POST"]),
     Route("/v1/connect/open", connect_open, methods=["GET"]),
     Route("/v1/connect/callback", connect_callback, methods=["GET"]),
     Route("/v1/connect/confirm", connect_confirm, methods=["POST"]),
     Route("/v1/connect/complete", connect_complete, methods=["POST"]),
-    Route("/v1/users/{user_id:path}/credentials", list_credentials, methods=["GET"]),
-    Route("/v1/users/{user_id:path}/credentials/{server}", delete_credential, methods=["DELETE"]),
-    Route("/v1/users/{user_id}", erase, methods=["DELETE"]),
+    Route("/v1/users/{user_id:userid}/credentials", list_credentials, methods=["GET"]),
+    Route("/v1/users/{user_id:userid}/credentials/{server}", delete_credential, methods=["DELETE"]),
+    Route("/v1/users/{user_id:userid}", erase, methods=["DELETE"]),
     Route("/v1/audit", audit, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

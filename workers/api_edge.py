@@ -89,7 +89,7 @@ def route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     route = scope.get("route")
     if route is None:
         route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
-    return str(getattr(route, "path", "unmatched")).replace(":path}", "}")
+    return str(getattr(route, "path", "unmatched")).replace(":path}", "}").replace(":userid}", "}")
 
 
 class Edge:
