@@ -15,13 +15,16 @@ from broker.settings import Settings, load_settings
 
 from .tracing import connect_worker_signals
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE",
-           "TASK_WARM", "TASK_WARM_USER", "TASK_DELIVER_WEBHOOK"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
+           "TASK_PRUNE_AUDIT", "QUEUE", "TASK_WARM", "TASK_WARM_USER", "TASK_DELIVER_WEBHOOK"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
+TASK_PRUNE_AUDIT = "broker.prune_audit"
+# Audit retention runs often enough that each run deletes little (bounded batches).
+PRUNE_AUDIT_SECONDS = 600
 # Pre-warming and event delivery (workers.tasks_events).
 TASK_WARM = "broker.warm"
 TASK_WARM_USER = "broker.warm_user"
@@ -59,10 +62,11 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         # housekeeping timer (workers.tasks_events), not as a task per second.
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
+            "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks", "workers.tasks_events"]
+        app.conf.imports = ["workers.tasks", "workers.retention", "workers.tasks_events"]
     return app
 
 
