@@ -367,6 +367,8 @@ class CredentialStore:
                 update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key,
                                      T.c.version == expected_version)).values(**values)
             )
+            if status is not None and result.rowcount == 1:
+                announce(conn, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     @_guarded
