@@ -98,10 +98,10 @@ def test_each_change_announced_once_across_two_workers_and_a_beat(tmp_path, sand
         try:
             provider.set_fault("token", "5xx")
             wait_for(lambda: "degraded" in kinds(cluster, "eve"), 20, what="degraded")
-            served = provider.stats()["faults_served"]
-            wait_for(lambda: provider.stats()["faults_served"] >= served + 6, 20, what="more failed renewals")
+            calls = hammer.calls  # resolves keep coming while degraded (served stale, renewals backed off)
+            wait_for(lambda: hammer.calls >= calls + 30, 20, what="more resolves while degraded")
             provider.set_fault("token", None)
-            wait_for(lambda: "recovered" in kinds(cluster, "eve"), 20, what="recovered")
+            wait_for(lambda: "recovered" in kinds(cluster, "eve"), 40, what="recovered (after the backoff)")
             refreshes = provider.stats()["grants"]["refresh_token"]
             wait_for(lambda: provider.stats()["grants"]["refresh_token"] >= refreshes + 2, 20,
                      what="two more good renewals")
