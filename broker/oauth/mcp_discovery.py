@@ -198,6 +198,7 @@ def registration_body(found: Discovered, redirect_uri: str, scopes: tuple[str, .
         "client_secret_basic" if "client_secret_basic" in methods else "none")
     body: dict[str, Any] = {
         "client_name": "credential-broker",
+        "application_type": "web",  # a server-side client with an http(s) redirect URI
         "redirect_uris": [redirect_uri],
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
