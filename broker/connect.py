@@ -155,7 +155,8 @@ class ConnectFlow:
         stored = self.store.get(user_id, server.key)
         if stored is None:
             return self.store.delete(user_id, server.key)
-        if server.auth_broker.revocation_endpoint or server.auth_broker.issuer:
+        cfg = server.auth_broker
+        if cfg.revocation_endpoint or cfg.issuer or cfg.discover is not None:
             try:
                 revoked = self.oauth.revoke(server, stored.credential)
                 if revoked:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -80,15 +79,14 @@ class RegistrationStore:
         self.claim_seconds = claim_seconds
         self.wait_seconds = wait_seconds
         self._sleep = sleep
-        self._cache: dict[str, ClientRegistration] = {}
-        self._lock = threading.Lock()
 
     def get(self, server_key: str) -> ClientRegistration | None:
-        """The ready registration, from this process's cache or the database."""
-        with self._lock:
-            cached = self._cache.get(server_key)
-        if cached is not None:
-            return cached
+        """The ready registration, read from the database each time.
+
+        Not cached in the process: when one process learns the server forgot
+        the client, every process must stop using it (one primary-key read
+        beside an HTTP call to the authorization server costs nothing).
+        """
         with self.engine.connect() as conn:
             row = conn.execute(select(registered_clients).where(registered_clients.c.server_key == server_key)).first()
         return self._ready(row)
@@ -113,10 +111,6 @@ class RegistrationStore:
 
     def forget(self, server_key: str, generation: str) -> bool:
         """Drop the registration the server no longer knows (only that generation)."""
-        with self._lock:
-            cached = self._cache.get(server_key)
-            if cached is not None and cached.generation == generation:
-                del self._cache[server_key]
         with self.engine.begin() as conn:
             gone = conn.execute(delete(registered_clients).where(
                 registered_clients.c.server_key == server_key,
@@ -165,10 +159,7 @@ class RegistrationStore:
                 registered_clients.c.generation == generation).values(
                 status="ready", claim_until=None, discovered=json.dumps(discovered.to_dict()),
                 ciphertext=blob, key_id=self.keyring.active_kid, updated_at=now))
-        registration = ClientRegistration(server_key, generation, discovered, client)
-        with self._lock:
-            self._cache[server_key] = registration
-        return registration
+        return ClientRegistration(server_key, generation, discovered, client)
 
     def _ready(self, row: Any) -> ClientRegistration | None:
         if row is None or row.status != "ready" or self.keyring is None:
@@ -179,10 +170,7 @@ class RegistrationStore:
             log.warning("unreadable registered client for server %s; registering again", row.server_key[:12])
             self.forget(row.server_key, row.generation)
             return None
-        registration = ClientRegistration(
+        return ClientRegistration(
             row.server_key, row.generation, Discovered.from_dict(json.loads(row.discovered)),
             Registered(payload["id"], payload.get("secret"), payload.get("auth") or "client_secret_post"),
         )
-        with self._lock:
-            self._cache[row.server_key] = registration
-        return registration
