@@ -225,3 +225,18 @@ def test_a_server_that_forgets_its_clients_gets_one_new_registration(mcp: McpInt
     assert page.status_code == 200 and "Connected" in page.text, page.text[:300]
     assert mcp.server.call(mcp.resolve_token("erin")).json()["user"] == "erin"
     assert mcp.server.counts().get("register", 0) == before + 1
+
+
+def test_servers_discover_prints_what_it_found_without_registering(mcp: McpInterop) -> None:
+    import subprocess
+    import sys
+
+    before = mcp.server.counts().get("register", 0)
+    out = subprocess.run([sys.executable, "-m", "workers.cli", "servers", "discover", mcp.server.mcp_url],
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr
+    assert f"{mcp.server.url}/token" in out.stdout and f"{mcp.server.url}/register" in out.stdout
+    assert "S256" in out.stdout and "discover: mcp" in out.stdout
+    assert_no_leak(out.stdout + out.stderr, "servers discover output")
+    assert mcp.server.counts().get("register", 0) == before
