@@ -34,7 +34,8 @@ log = logging.getLogger("workers.api")
 # Where the request id lives in the ASGI scope for the endpoints.
 REQUEST_ID_KEY = "credbroker.request_id"
 # No bearer key: the browser's callback, and probes that cannot hold a secret.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback",
+                        "/v1/oauth/client-metadata.json"})
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a refused caller needs to know: where keys come from, and where the demo keeps its key.
 NO_KEYS_MESSAGE = ("no API keys configured: set CREDBROKER_API_KEYS (comma-separated, 16+ characters each) "

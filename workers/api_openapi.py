@@ -171,6 +171,14 @@ PATHS: dict[str, Any] = {
                       "500": dict(_PAGE, description="Internal error: a page without detail"),
                       "503": dict(_PAGE, description="Store disabled or a backing service is down")},
     }},
+    "/v1/oauth/client-metadata.json": {"get": {
+        "summary": "The broker's OAuth Client ID Metadata Document (its URL is the client_id; no bearer key)",
+        "security": _OPEN,
+        "responses": {"200": {"description": "client metadata (RFC 7591 fields)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": {"description": "PUBLIC_URL is not https (nor loopback)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
     "/v1/users/{user_id}/credentials": {"get": {
         "summary": "Every configured server with the user's credential status; no secrets",
         "parameters": [_USER_PATH, _REQUEST_ID],

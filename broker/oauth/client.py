@@ -71,7 +71,10 @@ class OAuthClient:
         on_call: OnCall | None = None,
         registrations: RegistrationStore | None = None,
         redirect_uri: str | None = None,
+        client_metadata_url: str | None = None,
     ) -> None:
+        # Our Client ID Metadata Document (served by the API), used where a server supports it.
+        self._client_metadata_url = client_metadata_url
         self._sender = sender
         # ``discover: mcp`` servers: their discovered endpoints and registered client.
         self._registrations = registrations
@@ -102,6 +105,10 @@ class OAuthClient:
 
     def _register(self, server: ServerConfig) -> tuple[Discovered, Registered]:
         found = discover(server.url, self._sender.get)
+        if found.client_id_metadata_document_supported and self._client_metadata_url:
+            # The URL is the client id; the server fetches the document. No registration, no secret.
+            log.info("identifying by client ID metadata document server=%s", server.name)
+            return found, Registered(self._client_metadata_url, None, "none")
         if not found.registration_endpoint:
             raise UpstreamError("authorization server offers no dynamic client registration")
         assert self._redirect_uri is not None

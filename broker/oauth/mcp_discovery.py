@@ -33,7 +33,13 @@ __all__ = [
     "registration_body",
     "parse_registration",
     "Registered",
+    "CLIENT_METADATA_PATH",
+    "client_metadata_url",
+    "client_metadata_document",
 ]
+
+# Where the API serves the broker's Client ID Metadata Document; its URL is the client_id.
+CLIENT_METADATA_PATH = "/v1/oauth/client-metadata.json"
 
 # POST a JSON body -> (status, headers, body)
 PostJson = Callable[[str, Mapping[str, Any]], tuple[int, Mapping[str, str], bytes]]
@@ -189,6 +195,29 @@ class Registered:
 
     def __repr__(self) -> str:
         return f"Registered(auth_method={self.auth_method!r})"
+
+
+def client_metadata_url(public_url: str) -> str | None:
+    """The Client ID Metadata Document URL under ``PUBLIC_URL``; None where it cannot be one.
+
+    A client id URL must be https with a path (plain http tolerated on loopback, for tests).
+    """
+    parts = urlsplit(public_url.rstrip("/"))
+    if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+        return None
+    return public_url.rstrip("/") + CLIENT_METADATA_PATH
+
+
+def client_metadata_document(public_url: str, redirect_uri: str) -> dict[str, Any]:
+    """The document served at ``client_metadata_url``: a public client using PKCE."""
+    return {
+        "client_id": client_metadata_url(public_url),
+        "client_name": "credential-broker",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
 
 
 def registration_body(found: Discovered, redirect_uri: str, scopes: tuple[str, ...]) -> dict[str, Any]:

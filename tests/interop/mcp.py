@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 class McpServer:
     """The ``mcp`` package's authorization server and resource, on loopback."""
 
-    def __init__(self, workdir: Path, access_seconds: int = 30) -> None:
+    def __init__(self, workdir: Path, access_seconds: int = 30, *, cimd: bool = False) -> None:
         sock = bind_socket("127.0.0.1", 0)
         self.url = url_for(sock)
         self.mcp_url = f"{self.url}/mcp"
-        self._log_path = workdir / "mcp-server.log"
+        self._log_path = workdir / ("mcp-server-cimd.log" if cimd else "mcp-server.log")
         with open(self._log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.interop.mcp_server.app", str(sock.fileno()), str(access_seconds)],
+                [sys.executable, "-m", "tests.interop.mcp_server.app", str(sock.fileno()), str(access_seconds),
+                 *(["cimd"] if cimd else [])],
                 pass_fds=[sock.fileno()], stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
                 start_new_session=True)
         sock.close()

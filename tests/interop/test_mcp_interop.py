@@ -240,3 +240,4 @@ def test_servers_discover_prints_what_it_found_without_registering(mcp: McpInter
     assert "S256" in out.stdout and "discover: mcp" in out.stdout
     assert_no_leak(out.stdout + out.stderr, "servers discover output")
     assert mcp.server.counts().get("register", 0) == before
+

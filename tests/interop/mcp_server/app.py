@@ -8,8 +8,11 @@ revocation routes, bearer-token checking. This file only supplies the storage
 for the user named in the ``X-Test-User`` header, standing in for a login
 page) and counters the tests read at ``/test/counts``.
 
-Run: ``python -m tests.interop.mcp_server.app FD ACCESS_SECONDS`` with a
-listening socket inherited as FD.
+Run: ``python -m tests.interop.mcp_server.app FD ACCESS_SECONDS [cimd]`` with a
+listening socket inherited as FD. With ``cimd`` the authorization server also
+advertises ``client_id_metadata_document_supported`` and accepts a client id
+that is an http(s) URL by fetching that document: the SDK has no server side
+for Client ID Metadata Documents, so this part (``get_client``) is ours.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import httpx
 import uvicorn
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
@@ -42,7 +46,12 @@ from mcp.server.auth.provider import (
     TokenError,
     construct_redirect_uri,
 )
-from mcp.server.auth.routes import build_resource_metadata_url, create_auth_routes, create_protected_resource_routes
+from mcp.server.auth.routes import (
+    build_metadata,
+    build_resource_metadata_url,
+    create_auth_routes,
+    create_protected_resource_routes,
+)
 from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
@@ -67,14 +76,26 @@ class Access(AccessToken):
 class AutoApprove:
     """In-memory clients, codes and tokens; every authorization is approved."""
 
-    def __init__(self, access_seconds: int) -> None:
+    def __init__(self, access_seconds: int, cimd: bool = False) -> None:
         self.access_seconds = access_seconds
+        self.cimd = cimd
         self.clients: dict[str, OAuthClientInformationFull] = {}
         self.codes: dict[str, Code] = {}
         self.refresh: dict[str, Refresh] = {}
         self.access: dict[str, Access] = {}
 
     async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        if self.cimd and client_id.startswith(("https://", "http://")) and client_id not in self.clients:
+            COUNTS["cimd_fetch"] += 1
+            async with httpx.AsyncClient(timeout=5) as http:
+                response = await http.get(client_id)
+            doc = response.json() if response.status_code == 200 else {}
+            if doc.get("client_id") != client_id:  # the document must name its own URL
+                return None
+            self.clients[client_id] = OAuthClientInformationFull(
+                client_id=client_id, redirect_uris=doc["redirect_uris"], grant_types=doc["grant_types"],
+                response_types=doc["response_types"], token_endpoint_auth_method="none", scope="mcp",
+                client_name=doc.get("client_name"))
         return self.clients.get(client_id)
 
     async def register_client(self, client_info: OAuthClientInformationFull) -> None:
@@ -152,8 +173,8 @@ class Count:
         await self.app(scope, receive, send)
 
 
-def build(base: str, access_seconds: int) -> Starlette:
-    provider = AutoApprove(access_seconds)
+def build(base: str, access_seconds: int, cimd: bool = False) -> Starlette:
+    provider = AutoApprove(access_seconds, cimd)
     resource = f"{base}/mcp"
 
     async def mcp_endpoint(scope: Any, receive: Any, send: Any) -> None:
@@ -168,10 +189,22 @@ def build(base: str, access_seconds: int) -> Starlette:
         provider.clients.clear()
         return JSONResponse({"forgotten": forgotten})
 
+    auth_routes = create_auth_routes(provider, AnyHttpUrl(base),
+                                     client_registration_options=ClientRegistrationOptions(enabled=True),
+                                     revocation_options=RevocationOptions(enabled=True))
+    if cimd:
+        metadata = build_metadata(AnyHttpUrl(base), None, ClientRegistrationOptions(enabled=True),
+                                  RevocationOptions(enabled=True))
+        document = {**metadata.model_dump(mode="json", exclude_none=True),
+                    "client_id_metadata_document_supported": True}
+
+        async def as_metadata(_: Request) -> JSONResponse:
+            return JSONResponse(document)
+
+        auth_routes = [Route("/.well-known/oauth-authorization-server", as_metadata)] + [
+            r for r in auth_routes if getattr(r, "path", "") != "/.well-known/oauth-authorization-server"]
     routes = [
-        *create_auth_routes(provider, AnyHttpUrl(base),
-                            client_registration_options=ClientRegistrationOptions(enabled=True),
-                            revocation_options=RevocationOptions(enabled=True)),
+        *auth_routes,
         *create_protected_resource_routes(AnyHttpUrl(resource), [AnyHttpUrl(base)], scopes_supported=["mcp"]),
         Route("/mcp", endpoint=RequireAuthMiddleware(mcp_endpoint, [], build_resource_metadata_url(
             AnyHttpUrl(resource))), methods=["GET", "POST"]),
@@ -190,7 +223,7 @@ def main() -> None:
     fd, access_seconds = int(sys.argv[1]), int(sys.argv[2])
     sock = socket.socket(fileno=fd)
     host, port = sock.getsockname()[:2]
-    app = build(f"http://{host}:{port}", access_seconds)
+    app = build(f"http://{host}:{port}", access_seconds, cimd="cimd" in sys.argv[3:])
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])
 
