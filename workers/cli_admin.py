@@ -244,8 +244,8 @@ def cmd_servers_discover(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(found.to_dict())
         return 0
-    identify = ("client ID metadata document supported; dynamic registration used"
-                if found.client_id_metadata_document_supported and found.registration_endpoint
+    identify = ("client ID metadata document (needs an https PUBLIC_URL), else dynamic registration"
+                if found.client_id_metadata_document_supported
                 else "dynamic registration" if found.registration_endpoint else "none (no registration endpoint)")
     table([
         ("resource", found.resource),
