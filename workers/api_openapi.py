@@ -84,7 +84,7 @@ SCHEMAS: dict[str, Any] = {
             "server": {"type": "string"}, "header": {"type": "string", "examples": ["Authorization"]},
             "value": {"type": "string", "description": "the header value to inject, e.g. 'Bearer ...'"},
             "token_type": {"type": "string"}, "expires_at": _TS,
-            "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow"]},
+            "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow", "identity_assertion"]},
         },
     },
     "ConnectRequest": {
@@ -101,7 +101,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["server", "mode", "status", "expires_at", "obtained_via", "scopes"],
         "properties": {
             "server": {"type": "string"},
-            "mode": {"type": "string", "enum": ["token_exchange", "entra_obo", "oauth_connect"]},
+            "mode": {"type": "string", "enum": ["token_exchange", "entra_obo", "oauth_connect", "identity_assertion"]},
             "status": {"type": "string", "enum": ["connected", "degraded", "expired", "needs_reconnect",
                                                   "not_connected"]},
             "expires_at": _TS,
