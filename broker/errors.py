@@ -64,6 +64,8 @@ OAUTH_ERROR_CODES = frozenset(
         "interaction_required",
         "consent_required",
         "login_required",
+        "invalid_dpop_proof",  # RFC 9449 section 5
+        "use_dpop_nonce",
     }
 )
 

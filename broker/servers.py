@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError, UnknownServer
 from .providers import PARAM_KEYS, expand_auth_broker
+from .jose import SigningKey
 from .secret import Secret
 from .server_config import (
     DEFAULT_HEADER,
@@ -32,6 +33,7 @@ from .server_config import (
     parse_authorize_params,
     parse_scopes,
 )
+from .server_keys import ASSERTION_KEYS, parse_assertion_aud, parse_assertion_key, parse_dpop
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+DPOP_HEADER_FORMAT = "DPoP {token}"  # RFC 9449 section 7.1
 
 
 class Mode(StrEnum):
@@ -73,6 +76,7 @@ class Discover(StrEnum):
 class ClientAuth(StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
+    PRIVATE_KEY_JWT = "private_key_jwt"  # RFC 7523 section 2.2: a signed client assertion
 
 
 class RefreshScope(StrEnum):
@@ -118,6 +122,12 @@ class AuthBrokerConfig:
     extra_authorize_params: tuple[tuple[str, str], ...] = ()
     # Where the scopes go on the authorization URL (Slack: user_scope); set by a profile.
     authorize_scope_param: str = "scope"
+    # private_key_jwt: the assertion signing key and what its ``aud`` names
+    # (``token_endpoint`` or ``issuer``); see ``broker.server_keys``.
+    client_assertion_key: SigningKey | None = None
+    client_assertion_aud: str = "token_endpoint"
+    # DPoP (RFC 9449): tokens bound to a per-(user, server) key; resolves carry a proof.
+    dpop: bool = False
     # ``discover: mcp``: endpoints, resource and client found from the server URL at run time.
     discover: Discover | None = None
     # identity_assertion: leg 1 (token exchange to an ID-JAG) at the enterprise IdP.
@@ -188,7 +198,7 @@ _AUTH_FIELDS = frozenset(
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
         "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
         "provider", "extra_authorize_params", "idp_token_endpoint", "idp_client_id",
-        "idp_client_secret", "idp_client_secret_env", *PARAM_KEYS,
+        "idp_client_secret", "idp_client_secret_env", *PARAM_KEYS, *ASSERTION_KEYS,
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -298,6 +308,13 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         raise field_error(label, "auth_broker.client_id", "required when a client secret is given")
     if client_auth is ClientAuth.CLIENT_SECRET_BASIC and secret is None:
         raise field_error(label, "auth_broker.client_auth", "client_secret_basic requires a client secret")
+    private_key_jwt = client_auth is ClientAuth.PRIVATE_KEY_JWT
+    if private_key_jwt and client_id is None:
+        raise field_error(label, "auth_broker.client_id", "required for private_key_jwt")
+    if private_key_jwt and secret is not None:
+        raise field_error(label, "auth_broker.client_secret", "not used with private_key_jwt (give one or the other)")
+    assertion_key = parse_assertion_key(raw, label, environ, private_key_jwt=private_key_jwt)
+    dpop = parse_dpop(raw, label)
 
     def text(key: str) -> str | None:
         return optional_str(raw, key, label, f"auth_broker.{key}")
@@ -316,7 +333,9 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         audience=text("audience"),
         requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
         header=check_header(text("header"), label, "auth_broker.header"),
-        header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+        header_format=check_header_format(
+            text("header_format") or (DPOP_HEADER_FORMAT if dpop else None), label, "auth_broker.header_format"
+        ),
         refresh_scope=RefreshScope(
             _choice(RefreshScope, raw.get("refresh_scope") or RefreshScope.OMIT, label, "auth_broker.refresh_scope")
         ),
@@ -327,6 +346,9 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
             raw.get("extra_authorize_params"), label, "auth_broker.extra_authorize_params"
         ),
         authorize_scope_param=str(raw.get("authorize_scope_param") or "scope"),
+        client_assertion_key=assertion_key,
+        client_assertion_aud=parse_assertion_aud(raw, label, issuer),
+        dpop=dpop,
         idp_token_endpoint=idp_token_endpoint,
         idp_client_id=idp_client_id,
         idp_client_secret=idp_secret,

@@ -39,6 +39,7 @@ from broker.audit import AUDIT_MAX_LIMIT, Action, Outcome, SqlAuditLog, record_e
 from broker.connect import ConnectError
 from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
 from broker.models import SubjectToken
+from broker.resolved import check_nonce, check_request_target
 from broker.servers import ServerConfig
 from broker.oauth.mcp_discovery import CLIENT_METADATA_PATH, client_metadata_document, client_metadata_url
 from broker.settings import Settings, load_settings
@@ -161,12 +162,21 @@ async def put_subject_token(request: Request) -> Response:
 async def resolve(request: Request) -> Response:
     api = _api(request)
     body = await _json_body(request)
-    check_fields(body, ("user_id", "server"), ("timeout",))
+    check_fields(body, ("user_id", "server"), ("timeout", "method", "url", "dpop_nonce"))
     user_id = validate_user_id(body["user_id"])
     server = validate_server_name(body["server"])
     cap = api.settings.resolve_timeout
     timeout = cap if body.get("timeout") is None else parse_timeout(body["timeout"], cap)
-    call = partial(api.client.resolve, user_id, server, timeout=timeout, request_id=_rid(request))
+    target: dict[str, str] = {}
+    if body.get("method") is not None or body.get("url") is not None:
+        check_request_target(body.get("method"), body.get("url"))
+        target = {"method": body["method"], "url": body["url"]}
+        if body.get("dpop_nonce") is not None:
+            target["dpop_nonce"] = check_nonce(body["dpop_nonce"]) or ""
+    elif server in api.rt.servers and api.rt.servers[server].auth_broker.dpop:
+        # A DPoP token is useless without a proof, and only the caller knows the request.
+        raise InvalidRequest(f"server {server!r} uses DPoP: give the upstream request's method and url")
+    call = partial(api.client.resolve, user_id, server, timeout=timeout, request_id=_rid(request), **target)
     resolved = await anyio.to_thread.run_sync(call, limiter=api.limiter("resolve", _RESOLVE_THREADS))
     return _no_store(resolved.to_dict())
 

@@ -34,10 +34,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     validate_user_id(args.user, "USER")
     validate_server_name(args.server, "SERVER")
     with BrokerClient(settings=settings()) as client:
-        resolved = client.resolve(args.user, args.server, timeout=args.timeout)
+        target = {"method": args.method, "url": args.url} if args.method or args.url else {}
+        resolved = client.resolve(args.user, args.server, timeout=args.timeout, **target)
     body = resolved.to_dict()
     if not args.show_secret:
         body["value"] = mask_header_value(body["value"])
+        if isinstance(body.get("dpop"), dict) and body["dpop"].get("value"):
+            body["dpop"] = {**body["dpop"], "value": "<proof: --show-secret>"}
     if args.json:
         emit_json(body)
     else:
@@ -227,6 +230,8 @@ def register(sub: Any) -> None:
                    help="give up after this long (default CREDBROKER_RESOLVE_TIMEOUT)")
     p.add_argument("--json", action="store_true", help="print the resolve body as JSON")
     p.add_argument("--show-secret", action="store_true", help="print the header value in clear")
+    p.add_argument("--method", metavar="M", help="DPoP servers: the upstream request's method (with --url)")
+    p.add_argument("--url", metavar="URL", help="DPoP servers: the upstream request's URL; adds a DPoP proof")
     p.set_defaults(handler=cmd_resolve)
 
     creds = add_command(sub, "credentials", "a user's credentials: list, connect, rm", """
