@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
 import os
@@ -128,6 +129,9 @@ class AuthBrokerConfig:
     client_assertion_aud: str = "token_endpoint"
     # DPoP (RFC 9449): tokens bound to a per-(user, server) key; resolves carry a proof.
     dpop: bool = False
+    # Hosts (besides the issuer's) that discovered endpoints may name; listed
+    # hosts may also resolve to private addresses (an explicit operator choice).
+    discovery_hosts: tuple[str, ...] = ()
     # ``discover: mcp``: endpoints, resource and client found from the server URL at run time.
     discover: Discover | None = None
     # identity_assertion: leg 1 (token exchange to an ID-JAG) at the enterprise IdP.
@@ -181,12 +185,16 @@ class ServerRegistry(Mapping[str, ServerConfig]):
 
 
 def unknown_server_message(name: str, known: list[str]) -> str:
-    """Say what to do: with no servers at all, the servers file is the thing to set."""
+    """Say what to do: with no servers at all, the servers file is the thing to set.
+
+    ``name`` is what the caller submitted: it is never repeated back (issue 12).
+    """
+    del name
     if not known:
-        return (f"unknown server {name!r}: no servers are configured "
+        return ("unknown server: no servers are configured "
                 "(set CREDBROKER_SERVERS_FILE to a servers file; check it with `credbroker servers check FILE`)")
     shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-    return f"unknown server {name!r} (configured: {shown})"
+    return f"unknown server (configured: {shown})"
 
 
 # Loading and validation. Rules and messages are in ``server_config``.
@@ -198,7 +206,7 @@ _AUTH_FIELDS = frozenset(
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
         "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
         "provider", "extra_authorize_params", "idp_token_endpoint", "idp_client_id",
-        "idp_client_secret", "idp_client_secret_env", *PARAM_KEYS, *ASSERTION_KEYS,
+        "idp_client_secret", "idp_client_secret_env", *PARAM_KEYS, *ASSERTION_KEYS, "discovery_hosts",
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -214,6 +222,22 @@ def _endpoint(raw: Mapping[str, object], key: str, label: str) -> str | None:
     if key == "issuer" and "?" in value:  # RFC 8414 §2: no query or fragment
         raise field_error(label, field, "must not contain a query")
     return value
+
+
+_HOST_RE = re.compile(r"^[a-z0-9.-]{1,253}(:[0-9]{1,5})?$|^\[[0-9a-f:]+\](:[0-9]{1,5})?$")
+
+
+def _hosts(raw: Mapping[str, object], label: str) -> tuple[str, ...]:
+    value = raw.get("discovery_hosts")
+    if value is None:
+        return ()
+    field = "auth_broker.discovery_hosts"
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise field_error(label, field, "must be a list of host names")
+    hosts = tuple(h.strip().lower() for h in value)
+    if not all(_HOST_RE.match(h) for h in hosts):
+        raise field_error(label, field, "each entry must be a bare host name (optionally :port), no scheme or path")
+    return hosts
 
 
 def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str],
@@ -349,6 +373,7 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         client_assertion_key=assertion_key,
         client_assertion_aud=parse_assertion_aud(raw, label, issuer),
         dpop=dpop,
+        discovery_hosts=_hosts(raw, label),
         idp_token_endpoint=idp_token_endpoint,
         idp_client_id=idp_client_id,
         idp_client_secret=idp_secret,

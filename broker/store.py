@@ -342,6 +342,12 @@ class CredentialStore:
         return result.rowcount == 1
 
     @_guarded
+    def delete_user(self, user_id: str) -> int:
+        """Every credential row of the user, readable or not (erasure); returns how many."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(delete(T).where(T.c.user_id == user_id)).rowcount)
+
+    @_guarded
     def list(self, user_id: str) -> list[StoredCredential]:
         """The user's upstream credentials (never subject tokens), readable ones only."""
         with self.engine.connect() as conn:

@@ -15,12 +15,16 @@ from broker.settings import Settings, load_settings
 
 from .tracing import connect_worker_signals
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
+           "TASK_PRUNE_AUDIT", "QUEUE"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
+TASK_PRUNE_AUDIT = "broker.prune_audit"
+# Audit retention runs often enough that each run deletes little (bounded batches).
+PRUNE_AUDIT_SECONDS = 600
 QUEUE = "credbroker"
 RESULT_EXPIRES_SECONDS = 300
 
@@ -53,10 +57,11 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
             "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
+            "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks"]
+        app.conf.imports = ["workers.tasks", "workers.retention"]
     return app
 
 

@@ -188,7 +188,8 @@ def _same_issuer(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def _fetch_metadata(issuer: str, fetch: Fetch) -> dict[str, str]:
+def _fetch_metadata(issuer: str, fetch: Fetch, allowed_hosts: tuple[str, ...] = (),
+                    resolve: Resolve | None = None) -> dict[str, str]:
     status = 0
     for url in metadata_urls(issuer):
         status, _headers, body = fetch(url)
@@ -208,9 +209,9 @@ def _fetch_metadata(issuer: str, fetch: Fetch) -> dict[str, str]:
             value = data.get(field)
             if value is None:
                 continue
-            if not isinstance(value, str) or not is_allowed_endpoint(value):
+            if not isinstance(value, str):
                 raise UpstreamError(f"authorization server metadata has an invalid {field}")
-            endpoints[field] = value
+            endpoints[field] = check_discovered_endpoint(field, value, issuer, allowed_hosts, resolve)
         return endpoints
     raise UpstreamError("authorization server metadata not found", status=status or None)
 
@@ -221,6 +222,7 @@ def resolve_endpoints(
     cache: MetadataCache | None = None,
     *,
     also: tuple[str, ...] = (),
+    resolve: Resolve | None = None,
 ) -> AuthBrokerConfig:
     """``cfg`` with missing endpoints filled from the issuer's metadata.
 
@@ -234,12 +236,14 @@ def resolve_endpoints(
     assert issuer is not None
     if not is_allowed_endpoint(issuer):
         raise ConfigError("auth_broker.issuer must be an https URL (or http on loopback)")
-    endpoints = cache.get(issuer) if cache is not None else None
+    # Keyed by the allow-list too: what one server accepts, another may not.
+    cache_key = issuer if not cfg.discovery_hosts else f"{issuer} {' '.join(cfg.discovery_hosts)}"
+    endpoints = cache.get(cache_key) if cache is not None else None
     if endpoints is None:
-        endpoints = _fetch_metadata(issuer, fetch)
+        endpoints = _fetch_metadata(issuer, fetch, cfg.discovery_hosts, resolve)
         log.info("discovered authorization server metadata host=%s", urlsplit(issuer).hostname)
         if cache is not None:
-            cache.put(issuer, endpoints)
+            cache.put(cache_key, endpoints)
     missing = {f: endpoints[f] for f in _ENDPOINT_FIELDS if not getattr(cfg, f) and f in endpoints}
     resolved = replace(cfg, **missing)
     if not resolved.token_endpoint:
