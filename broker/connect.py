@@ -184,6 +184,10 @@ class ConnectFlow:
                                 "exp": expires_at.timestamp()}, self.ttl,
                         group=pair_group(user_id, server.key), cap=self.states_per_pair)
         if self.open_url is not None:
+            if server.auth_broker.discover is not None:
+                # Added by URL: discover and register now (once, deployment-wide), so a
+                # link is handed out only for a server that can be used.
+                self.oauth.authorize_url(server, state, verifier, self.callback_url)
             return ConnectStart(f"{self.open_url}?{urlencode({'state': state})}", expires_at)
         return ConnectStart(self.oauth.authorize_url(server, state, verifier, self.callback_url), expires_at)
 
