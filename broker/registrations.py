@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from .clock import Clock, SystemClock
 from .crypto import Keyring, record_ad
 from .db import UTCDateTime, metadata
-from .errors import ServiceUnavailable, StoreDisabled
+from .errors import BrokerError, ServiceUnavailable, StoreDisabled, error_from_dict
 from .oauth.mcp_discovery import Discovered, Registered
 
 __all__ = ["registered_clients", "ClientRegistration", "RegistrationStore", "KIND_CLIENT"]
@@ -71,13 +71,15 @@ class RegistrationStore:
     """Get the server's registration, running ``work`` once deployment-wide when there is none."""
 
     def __init__(self, engine: Engine, keyring: Keyring | None, *, clock: Clock | None = None,
-                 claim_seconds: float = 30.0, wait_seconds: float = 30.0,
+                 claim_seconds: float = 30.0, wait_seconds: float = 30.0, failure_seconds: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.engine = engine
         self.keyring = keyring
         self.clock = clock or SystemClock()
         self.claim_seconds = claim_seconds
         self.wait_seconds = wait_seconds
+        # A failed discovery or registration is answered from the row this long (no herd).
+        self.failure_seconds = failure_seconds
         self._sleep = sleep
 
     def get(self, server_key: str) -> ClientRegistration | None:
@@ -98,9 +100,14 @@ class RegistrationStore:
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.02
         while True:
-            found = self.get(server_key)
+            with self.engine.connect() as conn:
+                row = conn.execute(select(registered_clients).where(
+                    registered_clients.c.server_key == server_key)).first()
+            found = self._ready(row)
             if found is not None:
                 return found
+            if row is not None and row.status == "failed" and row.claim_until > self.clock.now():
+                raise error_from_dict(json.loads(row.discovered))  # the recent failure, once for all
             generation = self._claim(server_key)
             if generation is not None:
                 return self._run(server_key, generation, work)
@@ -132,17 +139,28 @@ class RegistrationStore:
             return generation
         except IntegrityError:
             pass
-        # A claim whose holder died (past claim_until, still pending) may be taken over.
+        # A claim whose holder died (past claim_until, still pending) may be taken
+        # over, and so may a failure old enough to try again.
         with self.engine.begin() as conn:
             taken = conn.execute(update(registered_clients).where(
                 registered_clients.c.server_key == server_key,
-                registered_clients.c.status == "pending",
+                registered_clients.c.status.in_(("pending", "failed")),
                 registered_clients.c.claim_until < now).values(**values)).rowcount
         return generation if taken else None
 
     def _run(self, server_key: str, generation: str, work: Work) -> ClientRegistration:
         try:
             discovered, client = work()
+        except BrokerError as exc:
+            # Kept briefly so concurrent and following callers get the same answer
+            # without asking the server again; messages are secret-free by design.
+            with self.engine.begin() as conn:
+                conn.execute(update(registered_clients).where(
+                    registered_clients.c.server_key == server_key,
+                    registered_clients.c.generation == generation).values(
+                    status="failed", discovered=json.dumps(exc.to_dict()), updated_at=self.clock.now(),
+                    claim_until=self.clock.now() + timedelta(seconds=self.failure_seconds)))
+            raise
         except BaseException:
             with self.engine.begin() as conn:  # let the next caller try at once
                 conn.execute(delete(registered_clients).where(

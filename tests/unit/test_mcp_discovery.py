@@ -152,3 +152,22 @@ def test_twenty_threads_register_once_and_a_forgotten_client_once_more(engine) -
     assert store.get_or_register(key, work).client.client_id == "client-2" and len(calls) == 2
     # Sealed: under another key it does not open (and is registered afresh on next use).
     assert RegistrationStore(engine, make_keyring("other")).get(key) is None
+
+
+def test_a_failed_discovery_is_answered_from_the_row_then_retried(engine, clock) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+
+    def failing() -> tuple[Discovered, Registered]:
+        calls.append(1)
+        raise UpstreamError("authorization server does not advertise PKCE S256 (required by MCP)")
+
+    store = RegistrationStore(engine, make_keyring("k1"), clock=clock, failure_seconds=10)
+    key = f"key-{uuid.uuid4().hex}"
+    for _ in range(5):
+        with pytest.raises(UpstreamError, match="S256"):
+            store.get_or_register(key, failing)
+    assert len(calls) == 1  # the four others got the recorded answer
+    clock.advance(11)
+    with pytest.raises(UpstreamError):
+        store.get_or_register(key, failing)
+    assert len(calls) == 2
