@@ -171,11 +171,11 @@ class OAuthClient:
     def _token(
         self, server: ServerConfig, cfg: AuthBrokerConfig, req: TokenRequest, *,
         obtained_via: ObtainedVia, scopes: tuple[str, ...], audience: str | None,
-        dpop_key: DPoPKey | None = None,
+        dpop_key: DPoPKey | None = None, retry: bool = True,
     ) -> Credential:
         now = self._clock.now()
         try:
-            status, headers, body = self._sender.send(req)
+            status, headers, body = self._sender.send(req, max_attempts=None if retry else 1)
             credential = parse_token_response(
                 status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
                 now=now, audience=audience, adapt=response_adapter(cfg.provider),
@@ -203,8 +203,11 @@ class OAuthClient:
         log.warning("server=%s: token response has no expires_in and the token no readable expiry; "
                     "treated as never expiring (set auth_broker.default_lifetime_seconds)", server.name)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
-        """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
+        """A fresh credential from the user's subject token (token_exchange or entra_obo).
+
+        ``retry=False``: one attempt (the caller keeps a valid credential and
+        schedules its own next attempt)."""
         cfg = self.endpoints(server)
         key = DPoPKey.generate() if cfg.dpop else None  # a fresh mint binds a fresh key
         pop = {"now": self._now(), "proof": self._proof(cfg, key)}
@@ -213,18 +216,18 @@ class OAuthClient:
         elif server.mode == Mode.ENTRA_OBO:
             req, via = forms.obo_request(cfg, subject_token, **pop), ObtainedVia.ENTRA_OBO
         elif server.mode == Mode.IDENTITY_ASSERTION:
-            return self._identity_assertion(server, cfg, subject_token, key)
+            return self._identity_assertion(server, cfg, subject_token, key, retry)
         else:
             raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
         return self._token(server, cfg, req, obtained_via=via, scopes=cfg.scopes,
-                           audience=cfg.audience or cfg.resource, dpop_key=key)
+                           audience=cfg.audience or cfg.resource, dpop_key=key, retry=retry)
 
     def _identity_assertion(self, server: ServerConfig, cfg: AuthBrokerConfig, subject_token: Secret,
-                            key: DPoPKey | None) -> Credential:
+                            key: DPoPKey | None, retry: bool = True) -> Credential:
         """SEP-990: ID-JAG from the IdP, then the jwt-bearer grant upstream; one call, one flight."""
         leg1 = forms.id_jag_request(cfg, subject_token, now=self._now())
         try:
-            _status, headers, body = self._sender.send(leg1)
+            _status, headers, body = self._sender.send(leg1, max_attempts=None if retry else 1)
             id_jag = parse_token_response(
                 200, headers, body, obtained_via=ObtainedVia.IDENTITY_ASSERTION, requested_scopes=cfg.scopes,
                 now=self._clock.now(), audience=cfg.audience or cfg.issuer,
@@ -236,7 +239,7 @@ class OAuthClient:
         self._record(leg1.grant, None)
         leg2 = forms.id_jag_grant_request(cfg, id_jag.access_token, now=self._now(), proof=self._proof(cfg, key))
         return self._token(server, cfg, leg2, obtained_via=ObtainedVia.IDENTITY_ASSERTION, scopes=cfg.scopes,
-                           audience=cfg.resource or cfg.audience, dpop_key=key)
+                           audience=cfg.resource or cfg.audience, dpop_key=key, retry=retry)
 
     def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
         """Exchange a connect-flow authorization code (with its PKCE verifier)."""
@@ -253,7 +256,7 @@ class OAuthClient:
             self._forget_on_invalid_client(server, exc)
             raise
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         """Renew with the refresh-token grant.
 
         A rotated refresh token replaces the old one; when the response has
@@ -273,7 +276,7 @@ class OAuthClient:
         try:
             renewed = self._token(
                 server, cfg, req, obtained_via=credential.obtained_via, scopes=scopes,
-                audience=credential.audience or cfg.audience or cfg.resource, dpop_key=key,
+                audience=credential.audience or cfg.audience or cfg.resource, dpop_key=key, retry=retry,
             )
         except UpstreamError as exc:
             self._forget_on_invalid_client(server, exc)
