@@ -57,6 +57,12 @@ class StreamAuditSink:
             self._used[json.dumps([user_id, server_key])] = when or time.time()
         self._ensure_thread()
 
+    def discard_used(self, user_id: str) -> None:
+        """Drop the user's buffered use marks (erasure): a flush after the erase
+        must not write the user's id back into Redis."""
+        with self._lock:
+            self._used = {k: v for k, v in self._used.items() if json.loads(k)[0] != user_id}
+
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:

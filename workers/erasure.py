@@ -60,6 +60,7 @@ def erase_user(rt: Runtime, user_id: str, request_id: str | None = None) -> int:
     removed += rt.store.delete_user(user_id)  # rows no key here can read (nothing to revoke with)
     rt.store.delete_subject_token(user_id)
     keys = set(configured)
+    rt.audit.discard_used(user_id)  # this process's buffered marks; the zrem below takes the flushed ones
     try:
         rt.connect.discard_pending(user_id)
         pipe = rt.redis.pipeline(transaction=False)

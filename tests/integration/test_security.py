@@ -312,3 +312,31 @@ def test_erasure_leaves_nothing_of_the_user(env: Env) -> None:
     from broker.connect import pair_group
 
     assert not env.cluster.redis.exists(STATE_GROUP_PREFIX + pair_group(user, key))
+
+
+def test_erasure_drops_buffered_use_marks_of_the_user(redis_url: str) -> None:
+    """A use mark still buffered in this process when the user is erased must
+    not be flushed back into Redis afterwards (it names the user)."""
+    import json
+    import uuid
+
+    import redis
+
+    from workers.auditstream import StreamAuditSink
+    from workers.constants import USED_ZSET
+
+    client = redis.Redis.from_url(redis_url)
+    gone, kept = f"erased-{uuid.uuid4().hex}", f"kept-{uuid.uuid4().hex}"
+    sink = StreamAuditSink(client)
+    try:
+        sink.mark_used(gone, "k1")
+        sink.mark_used(gone, "k2")
+        sink.mark_used(kept, "k1")
+        sink.discard_used(gone)
+        sink.flush()
+        members = {json.loads(m)[0] for m in client.zrange(USED_ZSET, 0, -1)}
+        assert kept in members and gone not in members
+    finally:
+        sink.close()
+        client.zrem(USED_ZSET, json.dumps([kept, "k1"]))
+        client.close()
