@@ -13,6 +13,9 @@ from celery import Celery
 
 from broker.settings import Settings, load_settings
 
+from .deadline import SENTINEL_TRANSPORT, TRANSPORT
+from .redisconn import CONNECT_TIMEOUT, SENTINEL_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url
+
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
 
 TASK_RESOLVE = "broker.resolve"
@@ -27,9 +30,18 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     """A Celery app for these settings (``main``: the worker's, with tasks)."""
     app = Celery("credbroker", set_as_current=main)
     limit = settings.task_time_limit
+    target = parse_redis_url(settings.redis_url)
+    # Every kombu and result-backend socket has connect, read and keepalive
+    # timeouts: a black-holed Redis must never block a sender forever.
+    sockets = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+               "socket_keepalive": True}
+    sentinel = {"master_name": target.master_name,
+                "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
+                                    "password": target.sentinel_password}} if target.is_sentinel else {}
+    backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
     app.conf.update(
-        broker_url=settings.redis_url,
-        result_backend="workers.backend:FlightResultBackend+" + settings.redis_url,
+        broker_url=target.celery_url,
+        result_backend=f"workers.backend:{backend}+" + target.celery_url,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -39,8 +51,15 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
-        broker_transport_options={"visibility_timeout": int(limit * 2 + 60)},
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_transport_options={"visibility_timeout": int(limit * 2 + 60), **sockets, **sentinel},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel},
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT,
+        redis_socket_keepalive=True,
+        redis_backend_health_check_interval=15,
+        # A failed publish is retried briefly; a caller's deadline bounds it further.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.1,
+                                   "interval_max": 0.2},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
@@ -55,6 +74,10 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     )
     if main:
         app.conf.imports = ["workers.tasks"]
+    else:
+        # Senders (clients, the API) publish through connections that obey the
+        # caller's deadline (``workers.deadline``); workers keep kombu's own.
+        app.conf.broker_transport = SENTINEL_TRANSPORT if target.is_sentinel else TRANSPORT
     return app
 
 

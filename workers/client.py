@@ -32,6 +32,7 @@ from broker.validation import validate_server_name, validate_user_id
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
 from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
+from .deadline import within
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
 from .runtime import redis_client
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 _MAX_FLIGHT_RETRIES = 5
 # Pause before claiming again when a flight was released under our feet.
 _RECLAIM_PAUSE = 0.01
+# How long a client's claim outlives its caller's deadline.
+_CLAIM_MARGIN_MS = 2000
 
 
 class BrokerClient:
@@ -105,6 +108,8 @@ class BrokerClient:
                 request_id: str | None = None) -> Resolved:
         """The header to inject for (user, server) now; raises ``broker.errors``."""
         started = time.perf_counter()
+        # Every Redis call below, the fast path's included, obeys this deadline.
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
         path = "fast"
         try:
             validate_user_id(user_id)
@@ -112,11 +117,11 @@ class BrokerClient:
             srv = self.servers.get_server(server)
             if self.sealer is None:
                 raise StoreDisabled("no transport key: set CREDBROKER_TRANSPORT_KEY or CREDBROKER_MASTER_KEYS")
-            acq = self._from_cache(user_id, srv)
-            if acq is None:
-                path = "flight"
-                deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
-                acq = self._from_flight(user_id, srv, deadline, request_id)
+            with within(deadline):
+                acq = self._from_cache(user_id, srv)
+                if acq is None:
+                    path = "flight"
+                    acq = self._from_flight(user_id, srv, deadline, request_id)
             resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id)
             self.audit.mark_used(user_id, srv.key)
         except BrokerError as exc:
@@ -193,7 +198,6 @@ class BrokerClient:
                      request_id: str | None) -> Acquisition:
         assert self.sealer is not None
         key = flight_key(user_id, server.key)
-        claim_ms = int(self.settings.resolve_timeout * 1000) + 5000
         failures = 0
 
         def retry(task_id: str) -> None:
@@ -210,6 +214,10 @@ class BrokerClient:
                     raise ResolveTimeout()
                 task_id = new_task_id()
                 joined = False
+                # A claim outlives its caller by a little: a task that has not
+                # started by then (Redis stalled, workers busy) loses the pair to
+                # the next caller instead of leaving joiners waiting on nothing.
+                claim_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + _CLAIM_MARGIN_MS
                 if self.claims.claim(key, task_id, claim_ms):
                     try:
                         self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)

@@ -35,6 +35,7 @@ from .auditstream import StreamAuditSink
 from .constants import PENDING_CONNECT_PREFIX, pair_id
 from .flight import Claims
 from .metrics import cluster_incr
+from .redisconn import redis_client as _redis_client
 
 __all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
 
@@ -70,15 +71,14 @@ class Runtime:
 
 # redis-py 8 caps a default pool at 100 connections and then fails at once with
 # "Too many connections"; a gateway or the API runs more concurrent resolves than
-# that, so callers queue for a connection (up to 10 s) instead of getting a 503.
+# that, so callers queue for a connection (up to 10 s, or their deadline) instead
+# of getting a 503.
 REDIS_POOL_MAX = 1024
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_POOL_MAX, timeout=10, socket_timeout=10,
-        socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True)
-    return redis.Redis.from_pool(pool)
+    """The process's pooled client (plain or Sentinel, see ``workers.redisconn``)."""
+    return _redis_client(settings, max_connections=REDIS_POOL_MAX)
 
 
 def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -106,7 +106,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     )
     # Flight heartbeats get their own connection with a short timeout, so one
     # stalled extension is noticed well before the claim could expire.
-    heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    heartbeat = _redis_client(settings, max_connections=64, socket_timeout=1, connect_timeout=1)
     return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
                    policy, clock, http, Claims(heartbeat))
 
