@@ -14,6 +14,7 @@ may appear in them.
     ├── StoreDisabled               store_disabled 503
     ├── ServiceUnavailable          unavailable 503 (Redis or database down)
     ├── ResolveTimeout              timeout 504
+    ├── ConfigMismatch              config_mismatch 503 (a worker of another servers config)
     ├── UpstreamError               upstream_error 502 (+ status, oauth_error)
     └── CredentialUnavailable       the user has no usable credential (409)
         ├── NotConnected            not_connected (+ connect_url, reason)
@@ -35,6 +36,7 @@ __all__ = [
     "StoreDisabled",
     "ServiceUnavailable",
     "ResolveTimeout",
+    "ConfigMismatch",
     "UpstreamError",
     "CredentialUnavailable",
     "NotConnected",
@@ -152,6 +154,16 @@ class ResolveTimeout(BrokerError):
     default_message = "resolve timed out"
 
 
+class ConfigMismatch(BrokerError):
+    """Raised when a flight reached a worker whose servers configuration differs
+    from the caller's: two deployments share one Redis namespace."""
+
+    code = "config_mismatch"
+    http_status = 503
+    default_message = ("the flight reached a worker with another servers configuration: "
+                       "give each deployment its own CREDBROKER_NAMESPACE")
+
+
 class UpstreamError(BrokerError):
     """Raised when an authorization server failed or refused a request.
 
@@ -239,7 +251,7 @@ class NoCredential(CredentialUnavailable):
 _BY_CODE: dict[str, type[BrokerError]] = {}
 for _cls in (
     BrokerError, ConfigError, InvalidRequest, Unauthorized, UnknownServer,
-    PolicyDenied, StoreDisabled, ServiceUnavailable, ResolveTimeout,
+    PolicyDenied, StoreDisabled, ServiceUnavailable, ResolveTimeout, ConfigMismatch,
     UpstreamError, NotConnected, SubjectTokenMissing, NoCredential,
 ):
     _BY_CODE[_cls.code] = _cls

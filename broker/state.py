@@ -15,6 +15,7 @@ import time
 from typing import Any, Protocol
 
 from .crypto import DecryptError, Sealer
+from .keyspace import key_prefix
 
 __all__ = ["StateStore", "RedisStateStore", "MemoryStateStore", "STATE_PREFIX", "state_key"]
 
@@ -28,7 +29,7 @@ class StateStore(Protocol):
 
 def state_key(state: str) -> str:
     # The Redis key is a hash of the state, so a key listing never shows a live state.
-    return STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
+    return key_prefix() + STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
 
 
 class RedisStateStore:

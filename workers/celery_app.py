@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from celery import Celery
 
+from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
 from .deadline import SENTINEL_TRANSPORT, TRANSPORT
@@ -39,6 +40,10 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
                 "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
                                     "password": target.sentinel_password}} if target.is_sentinel else {}
     backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
+    # The namespace prefixes kombu's queues, bindings and fanout channels and the
+    # result keys and channels, as it prefixes ours (``workers.constants``).
+    prefix = key_prefix(settings.namespace)
+    namespaced = {"global_keyprefix": prefix} if prefix else {}
     app.conf.update(
         broker_url=target.celery_url,
         result_backend=f"workers.backend:{backend}+" + target.celery_url,
@@ -51,8 +56,9 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
-        broker_transport_options={"visibility_timeout": int(limit * 2 + 60), **sockets, **sentinel},
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel},
+        broker_transport_options={"visibility_timeout": int(limit * 2 + 60), **sockets, **sentinel,
+                                  **namespaced},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel, **namespaced},
         redis_socket_timeout=SOCKET_TIMEOUT,
         redis_socket_connect_timeout=CONNECT_TIMEOUT,
         redis_socket_keepalive=True,
@@ -74,6 +80,7 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     )
     if main:
         app.conf.imports = ["workers.tasks"]
+        set_namespace(settings.namespace)  # the worker's and the beat's process serve this deployment
     else:
         # Senders (clients, the API) publish through connections that obey the
         # caller's deadline (``workers.deadline``); workers keep kombu's own.

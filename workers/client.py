@@ -31,7 +31,7 @@ from broker.validation import validate_server_name, validate_user_id
 
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
-from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
+from .constants import cache_key, flight_key, result_key
 from .deadline import within
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
@@ -96,9 +96,13 @@ class BrokerClient:
         self.redis = connection if connection is not None else redis_client(self.settings)
         self.claims = Claims(self.redis)
         self.celery = make_celery(self.settings)
-        self.waiter = ResultWaiter(self.redis, self._meta)
+        # This client's deployment, which need not be its process's (a test or a
+        # gateway may talk to several): every name it builds says it explicitly.
+        self._ns = self.settings.namespace
+        self._config = self.servers.fingerprint
+        self.waiter = ResultWaiter(self.redis, self._meta, result_key("", self._ns))
         self._owns_audit = audit is None
-        self.audit = audit if audit is not None else StreamAuditSink(self.redis)
+        self.audit = audit if audit is not None else StreamAuditSink(self.redis, namespace=self._ns)
         self._near = timedelta(seconds=self.settings.near_expiry_seconds)
         self._fraction = self.settings.refresh_fraction
 
@@ -149,7 +153,7 @@ class BrokerClient:
 
     def _from_cache(self, user_id: str, server: ServerConfig) -> Acquisition | None:
         assert self.sealer is not None
-        key = cache_key(user_id, server.key)
+        key = cache_key(user_id, server.key, self._ns)
         try:
             blob = self.redis.get(key)
         except redis.RedisError:
@@ -185,7 +189,7 @@ class BrokerClient:
         return point is not None and self.clock.now() >= point
 
     def _meta(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(RESULT_CHANNEL_PREFIX + task_id)
+        raw = self.redis.get(result_key(task_id, self._ns))
         if raw is None:
             return None
         try:
@@ -197,7 +201,7 @@ class BrokerClient:
     def _from_flight(self, user_id: str, server: ServerConfig, deadline: float,
                      request_id: str | None) -> Acquisition:
         assert self.sealer is not None
-        key = flight_key(user_id, server.key)
+        key = flight_key(user_id, server.key, self._ns)
         failures = 0
 
         def retry(task_id: str) -> None:
@@ -220,7 +224,9 @@ class BrokerClient:
                 claim_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + _CLAIM_MARGIN_MS
                 if self.claims.claim(key, task_id, claim_ms):
                     try:
-                        self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
+                        # The fingerprint lets a worker of another configuration refuse it.
+                        self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id,
+                                              kwargs={"config": self._config})
                     except BaseException:
                         # No task will ever run under this claim: free the pair at once.
                         self.claims.release(key, task_id)

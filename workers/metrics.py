@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from .constants import metrics_hash
+
 __all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -87,7 +89,7 @@ METRICS.describe("credbroker_flights_started_total", "counter", "Flights started
 # Provider calls, refreshes and beat scans happen in worker processes; they are
 # counted in one Redis hash so any API process can serve them on /metrics.
 
-CLUSTER_HASH = "credbroker:metrics"
+CLUSTER_HASH = "credbroker:metrics"  # in the empty namespace; see ``metrics_hash``
 _CLUSTER_HELP = {
     "credbroker_provider_calls_total": ("counter", "Authorization-server calls by grant and result, cluster-wide"),
     "credbroker_refreshes_total": ("counter", "Credential renewals by trigger (resolve or proactive) and outcome"),
@@ -104,20 +106,20 @@ def _field(name: str, labels: dict[str, str]) -> str:
 def cluster_incr(client: object, name: str, amount: int = 1, **labels: str) -> None:
     """Count an event cluster-wide; a Redis outage only loses the count."""
     try:
-        client.hincrby(CLUSTER_HASH, _field(name, labels), amount)  # type: ignore[attr-defined]
+        client.hincrby(metrics_hash(), _field(name, labels), amount)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         pass
 
 
 def cluster_set(client: object, name: str, value: float, **labels: str) -> None:
     try:
-        client.hset(CLUSTER_HASH, _field(name, labels), value)  # type: ignore[attr-defined]
+        client.hset(metrics_hash(), _field(name, labels), value)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         pass
 
 
 def render_cluster(client: object) -> str:
-    raw = client.hgetall(CLUSTER_HASH)  # type: ignore[attr-defined]
+    raw = client.hgetall(metrics_hash())  # type: ignore[attr-defined]
     series: dict[str, list[str]] = {}
     for field, value in sorted((k.decode() if isinstance(k, bytes) else k, v) for k, v in raw.items()):
         name = field.split("{", 1)[0]

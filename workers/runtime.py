@@ -20,6 +20,7 @@ from broker.clock import Clock, SystemClock
 from broker.connect import ConnectFlow
 from broker.crypto import DecryptError, Sealer
 from broker.db import make_engine
+from broker.keyspace import set_namespace
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
 from broker.oauth.sender import TokenEndpointSender, make_http_client
@@ -32,7 +33,7 @@ from broker.state import RedisStateStore, state_key
 from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
-from .constants import PENDING_CONNECT_PREFIX, pair_id
+from .constants import pending_connect_key
 from .flight import Claims
 from .metrics import cluster_incr
 from .redisconn import redis_client as _redis_client
@@ -82,6 +83,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
+    set_namespace(settings.namespace)  # this process serves one deployment
     clock = clock or SystemClock()
     servers = servers_from_settings(settings)
     client = redis_client(settings)
@@ -121,7 +123,7 @@ def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: Con
 
     def url_for(user_id: str, server_name: str) -> str | None:
         assert sealer is not None
-        key = PENDING_CONNECT_PREFIX + pair_id(user_id, connect.servers.get_server(server_name).key)
+        key = pending_connect_key(user_id, connect.servers.get_server(server_name).key)
         try:
             blob = client.get(key)
             if blob is not None:
