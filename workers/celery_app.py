@@ -14,7 +14,7 @@ from celery import Celery
 from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
-from .deadline import SENTINEL_TRANSPORT, TRANSPORT
+from .transport import SENTINEL_TRANSPORT, TRANSPORT
 from .redisconn import CONNECT_TIMEOUT, SENTINEL_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
@@ -81,10 +81,9 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     if main:
         app.conf.imports = ["workers.tasks"]
         set_namespace(settings.namespace)  # the worker's and the beat's process serve this deployment
-    else:
-        # Senders (clients, the API) publish through connections that obey the
-        # caller's deadline (``workers.deadline``); workers keep kombu's own.
-        app.conf.broker_transport = SENTINEL_TRANSPORT if target.is_sentinel else TRANSPORT
+    # Connections that obey a caller's deadline (senders: clients, the API) and
+    # survive a Sentinel master's death (workers); see ``workers.transport``.
+    app.conf.broker_transport = SENTINEL_TRANSPORT if target.is_sentinel else TRANSPORT
     return app
 
 

@@ -5,7 +5,8 @@ bound each connect, send and read of that thread by the time left, so a Redis
 that accepts connections but never answers (paused, black-holed by a failover)
 costs a caller at most its own timeout. Threads without a deadline (workers,
 listeners) keep the plain socket timeouts. The kombu transports reuse the same
-connection classes, so publishing a flight task obeys the deadline too.
+connection classes (``workers.transport``), so publishing a flight task
+obeys the deadline too.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
 from redis.sentinel import SentinelManagedConnection
 
-__all__ = ["within", "remaining", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool",
-           "Transport", "SentinelTransport", "TRANSPORT", "SENTINEL_TRANSPORT"]
+__all__ = ["within", "remaining", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool"]
 
 _local = threading.local()
 
@@ -115,23 +114,3 @@ class DeadlinePool(redis.BlockingConnectionPool):
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._timeout = value
-
-
-class _Channel(kombu_redis.Channel):
-    connection_class = DeadlineConnection
-
-
-class Transport(kombu_redis.Transport):
-    Channel = _Channel
-
-
-class _SentinelChannel(kombu_redis.SentinelChannel):
-    connection_class = DeadlineSentinelConnection
-
-
-class SentinelTransport(kombu_redis.SentinelTransport):
-    Channel = _SentinelChannel
-
-
-TRANSPORT = __name__ + ":Transport"
-SENTINEL_TRANSPORT = __name__ + ":SentinelTransport"
