@@ -68,6 +68,10 @@ def test_namespaces_keep_deployments_apart(two: tuple[Cluster, Cluster], sandbox
             sign_in(c, sandbox, u)
     assert _outcomes(a, "a-tx") == Counter(ok=8)
     assert _outcomes(b, "b-tx") == Counter(ok=8)
+    # Control commands (the API's readiness ping) travel on namespaced channels too.
+    with a.client() as client:
+        replies = client.celery.control.ping(timeout=2.0)
+    assert len(replies) == 1, replies
     # Every key, queue and result of each deployment sits under its namespace.
     names = [k.decode() for k in a.redis.scan_iter(count=1000)]
     assert names and all(n.startswith(("alpha:", "beta:")) for n in names), sorted(names)[:20]
