@@ -71,10 +71,24 @@ credentials = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("version", Integer, nullable=False),
+    # The lease fence: only the owner may present this row's refresh token (or
+    # its user's subject token for this server) until ``lease_until``, in the
+    # database's clock. Redis claims only tell waiters whom to join.
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    # Backoff after a failed renewal: no attempt before this, from beat or resolve.
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("failure_count", Integer, nullable=False, default=0, server_default="0"),
+    # When an idle refresh token must be exercised before it dies of disuse.
+    Column("keepalive_at", UTCDateTime, nullable=True),
     Index("ix_credentials_expires_at", "expires_at"),
     # The beat's due scan: refresh point reached, most recent first filter.
     Index("ix_credentials_refresh_at", "refresh_at"),
     Index("ix_credentials_key_id", "key_id"),
+    # The due scan takes a fair share per server (a failing server's backlog
+    # must not hide healthy servers' due credentials).
+    Index("ix_credentials_server_refresh_at", "server_key", "refresh_at"),
+    Index("ix_credentials_keepalive_at", "keepalive_at"),
 )
 
 subject_tokens = Table(

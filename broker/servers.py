@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .errors import ConfigError, UnknownServer
+from .providers import PARAM_KEYS, expand_auth_broker
 from .secret import Secret
 from .server_config import (
     DEFAULT_HEADER,
@@ -29,6 +30,7 @@ from .server_config import (
     check_url,
     field_error,
     optional_str,
+    parse_authorize_params,
     parse_scopes,
 )
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Mode",
     "ClientAuth",
+    "RefreshScope",
     "AuthBrokerConfig",
     "ServerConfig",
     "ServerRegistry",
@@ -59,6 +62,13 @@ class Mode(StrEnum):
 class ClientAuth(StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
+
+
+class RefreshScope(StrEnum):
+    """Whether the refresh grant carries ``scope`` (RFC 6749 section 6)."""
+
+    OMIT = "omit"  # the default: the new token keeps the originally granted scope
+    CONFIGURED = "configured"  # send the configured scopes (Microsoft Entra v2 expects them)
 
 
 def server_key(name: str, url: str) -> str:
@@ -84,6 +94,19 @@ class AuthBrokerConfig:
     requested_token_type: str = ACCESS_TOKEN_TYPE
     header: str = DEFAULT_HEADER
     header_format: str = DEFAULT_HEADER_FORMAT
+    refresh_scope: RefreshScope = RefreshScope.OMIT
+    # Lifetime assumed when a token response has no expires_in (Salesforce,
+    # Zendesk); None: the token is treated as never expiring.
+    default_lifetime_seconds: int | None = None
+    # Refresh tokens that die of disuse (Google, Atlassian, Microsoft): the beat
+    # renews an idle connect credential before this much time passes unused.
+    refresh_token_idle_seconds: int | None = None
+    # The provider profile that filled this block (``provider: NAME``), if any.
+    provider: str | None = None
+    # Added to the authorization URL, e.g. Google's access_type=offline.
+    extra_authorize_params: tuple[tuple[str, str], ...] = ()
+    # Where the scopes go on the authorization URL (Slack: user_scope); set by a profile.
+    authorize_scope_param: str = "scope"
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,8 @@ _AUTH_FIELDS = frozenset(
         "mode", "token_endpoint", "authorization_endpoint", "revocation_endpoint",
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
+        "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
+        "provider", "extra_authorize_params", *PARAM_KEYS,
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -185,7 +210,16 @@ def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, 
     return Secret(value)
 
 
-def _choice(enum: type[Mode] | type[ClientAuth], value: object, label: str, field: str) -> object:
+def _positive_seconds(raw: Mapping[str, object], key: str, label: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10 * 365 * 86400:
+        raise field_error(label, f"auth_broker.{key}", "must be a whole number of seconds between 1 and 10 years")
+    return value
+
+
+def _choice(enum: type[Mode] | type[ClientAuth] | type[RefreshScope], value: object, label: str, field: str) -> object:
     try:
         return enum(value)
     except (ValueError, TypeError):
@@ -203,6 +237,8 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         hints = [m for k in unknown for m in difflib.get_close_matches(k, _AUTH_FIELDS, 1)]
         hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
         raise field_error(label, "auth_broker", f"unknown field(s) {', '.join(map(repr, unknown))}{hint}")
+    provider = raw.get("provider")
+    raw = expand_auth_broker(raw, label)  # the profile's fills under the explicit keys
     mode = Mode(_choice(Mode, raw.get("mode"), label, "auth_broker.mode"))
     client_auth = ClientAuth(
         _choice(ClientAuth, raw.get("client_auth") or ClientAuth.CLIENT_SECRET_POST, label, "auth_broker.client_auth")
@@ -252,6 +288,16 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
         header=check_header(text("header"), label, "auth_broker.header"),
         header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+        refresh_scope=RefreshScope(
+            _choice(RefreshScope, raw.get("refresh_scope") or RefreshScope.OMIT, label, "auth_broker.refresh_scope")
+        ),
+        default_lifetime_seconds=_positive_seconds(raw, "default_lifetime_seconds", label),
+        refresh_token_idle_seconds=_positive_seconds(raw, "refresh_token_idle_seconds", label),
+        provider=provider,
+        extra_authorize_params=parse_authorize_params(
+            raw.get("extra_authorize_params"), label, "auth_broker.extra_authorize_params"
+        ),
+        authorize_scope_param=str(raw.get("authorize_scope_param") or "scope"),
     )
 
 

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError
 from ..secret import Secret
-from ..servers import AuthBrokerConfig, ClientAuth
+from ..servers import AuthBrokerConfig, ClientAuth, RefreshScope
 
 __all__ = [
     "TokenRequest",
@@ -173,11 +173,15 @@ def authorization_code_request(
 def refresh_request(cfg: AuthBrokerConfig, refresh_token: Secret) -> TokenRequest:
     """Refresh-token grant (RFC 6749 §6).
 
-    ``scope`` is sent only when configured: omitted, the server grants the
-    scopes originally granted, which is what a configless refresh should do.
+    ``scope`` is omitted by default: the new token then carries the scope
+    originally granted. Sending the configured scopes breaks on servers that
+    check them against the grant (``invalid_scope`` from a certified server
+    whose consent narrowed them), so it is opt-in per server
+    (``refresh_scope: configured``, which Microsoft Entra v2 expects).
+    ``resource`` (RFC 8707) is sent when configured.
     """
     form = {"grant_type": GRANT_REFRESH_TOKEN, "refresh_token": refresh_token.reveal()}
-    if cfg.scopes:
+    if cfg.scopes and cfg.refresh_scope is RefreshScope.CONFIGURED:
         form["scope"] = " ".join(cfg.scopes)
     if cfg.resource:
         form["resource"] = cfg.resource
@@ -198,7 +202,7 @@ def authorize_url(cfg: AuthBrokerConfig, state: str, challenge: str, redirect_ur
     """The URL the user's browser opens to consent (authorization code + PKCE S256).
 
     Keeps any query the configured endpoint already has (some servers put a
-    tenant or policy there).
+    tenant or policy there), and adds the server's ``extra_authorize_params``.
     """
     endpoint = _require(cfg.authorization_endpoint, "authorization_endpoint")
     params = {"response_type": "code", "client_id": _require(cfg.client_id, "client_id")}
@@ -209,9 +213,12 @@ def authorize_url(cfg: AuthBrokerConfig, state: str, challenge: str, redirect_ur
         code_challenge_method="S256",
     )
     if cfg.scopes:
-        params["scope"] = " ".join(cfg.scopes)
+        params[cfg.authorize_scope_param] = " ".join(cfg.scopes)
     if cfg.resource:
         params["resource"] = cfg.resource
+    # Provider extras (Google's access_type=offline, Atlassian's audience);
+    # the parser refuses names the broker sets itself.
+    params.update(cfg.extra_authorize_params)
     parts = urlsplit(endpoint)
     query = urlencode(params, quote_via=quote)
     query = f"{parts.query}&{query}" if parts.query else query

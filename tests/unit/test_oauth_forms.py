@@ -23,7 +23,7 @@ from broker.oauth.forms import (
     token_exchange_request,
 )
 from broker.secret import Secret
-from broker.servers import AuthBrokerConfig, ClientAuth, Mode
+from broker.servers import AuthBrokerConfig, ClientAuth, Mode, RefreshScope
 
 TOKEN_URL = "https://as.example/oauth/token"
 SUBJECT = Secret("subject-token-value")
@@ -113,7 +113,12 @@ def test_refresh_form_omits_scope_unless_configured() -> None:
         "client_id": "broker-client",
         "client_secret": CLIENT_SECRET,
     }
-    scoped = refresh_request(cfg(mode=Mode.OAUTH_CONNECT, scopes=("a", "b")), Secret("rt-1"))
+    # Configured scopes alone do not put scope on the refresh (RFC 6749 section 6):
+    # the grant keeps its original scope, and strict servers answer invalid_scope.
+    configured = refresh_request(cfg(mode=Mode.OAUTH_CONNECT, scopes=("a", "b")), Secret("rt-1"))
+    assert "scope" not in configured.form
+    scoped = refresh_request(
+        cfg(mode=Mode.OAUTH_CONNECT, scopes=("a", "b"), refresh_scope=RefreshScope.CONFIGURED), Secret("rt-1"))
     assert scoped.form["scope"] == "a b"
 
 

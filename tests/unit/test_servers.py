@@ -643,3 +643,30 @@ def test_mcpproxy_file_skips_servers_the_broker_does_not_serve() -> None:
         parse({"mcpServers": [{"name": "fs", "command": "npx", "auth_broker": brokered["auth_broker"]}]}, environ={})
     with pytest.raises(ConfigError, match="auth_broker"):
         parse({"servers": [{"name": "public", "url": "https://public.example.com/mcp"}]}, environ={})
+
+
+# -- second round: refresh scope, default lifetime, idle refresh tokens ----------
+
+def _connect_entry(**extra: object) -> dict[str, object]:
+    return {"servers": [{"name": "gh", "url": "https://gh.example/mcp", "auth_broker": {
+        "mode": "oauth_connect", "token_endpoint": "https://as.example/token",
+        "authorization_endpoint": "https://as.example/authorize", "client_id": "c", **extra}}]}
+
+
+def test_refresh_scope_defaults_to_omit_and_accepts_configured() -> None:
+    from broker.servers import RefreshScope
+
+    assert parse_servers(_connect_entry())["gh"].auth_broker.refresh_scope is RefreshScope.OMIT
+    cfg = parse_servers(_connect_entry(refresh_scope="configured"))["gh"].auth_broker
+    assert cfg.refresh_scope is RefreshScope.CONFIGURED
+    with pytest.raises(ConfigError, match="refresh_scope: must be one of omit, configured"):
+        parse_servers(_connect_entry(refresh_scope="always"))
+
+
+@pytest.mark.parametrize("key", ["default_lifetime_seconds", "refresh_token_idle_seconds"])
+def test_lifetime_settings_are_whole_positive_seconds(key: str) -> None:
+    assert getattr(parse_servers(_connect_entry(**{key: 3600}))["gh"].auth_broker, key) == 3600
+    assert getattr(parse_servers(_connect_entry())["gh"].auth_broker, key) is None
+    for bad in (0, -5, 1.5, "3600", True):
+        with pytest.raises(ConfigError, match=f"gh.*{key}: must be a whole number"):
+            parse_servers(_connect_entry(**{key: bad}))
