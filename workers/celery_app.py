@@ -15,7 +15,7 @@ from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
 from .transport import SENTINEL_TRANSPORT, TRANSPORT
-from .redisconn import CONNECT_TIMEOUT, SENTINEL_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url
+from .redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentinel_kwargs
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
 
@@ -37,8 +37,7 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     sockets = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
                "socket_keepalive": True}
     sentinel = {"master_name": target.master_name,
-                "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
-                                    "password": target.sentinel_password}} if target.is_sentinel else {}
+                "sentinel_kwargs": sentinel_kwargs(target.sentinel_password)} if target.is_sentinel else {}
     backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
     # The namespace prefixes kombu's queues, bindings and fanout channels and the
     # result keys and channels, as it prefixes ours (``workers.constants``).

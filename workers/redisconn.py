@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -28,7 +28,7 @@ from broker.settings import Settings
 
 from .deadline import DeadlineConnection, DeadlinePool, DeadlineSentinelConnection
 
-__all__ = ["RedisTarget", "parse_redis_url", "redis_client", "SOCKET_TIMEOUT", "CONNECT_TIMEOUT",
+__all__ = ["RedisTarget", "parse_redis_url", "redis_client", "sentinel_kwargs", "SOCKET_TIMEOUT", "CONNECT_TIMEOUT",
            "SENTINEL_TIMEOUT", "HEALTH_CHECK_SECONDS"]
 
 # A Redis command here takes milliseconds; 5 s without a byte means the server
@@ -43,6 +43,13 @@ SENTINEL_TIMEOUT = 0.5
 HEALTH_CHECK_SECONDS = 15
 # A stale pooled socket (Redis restarted) is retried at once, a few times.
 _RETRY = Retry(ExponentialBackoff(cap=0.05, base=0.01), 2)
+
+
+def sentinel_kwargs(password: str | None) -> dict[str, Any]:
+    """How each sentinel is asked: short timeouts and no retries of its own
+    (redis-py's default backs off for seconds; the next sentinel is asked instead)."""
+    return {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0), "password": password}
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,7 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 
 def _sentinel(target: RedisTarget) -> Sentinel:
-    return Sentinel(list(target.sentinels), sentinel_kwargs={
-        "socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
-        "password": target.sentinel_password})
+    return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs(target.sentinel_password))
 
 
 def redis_client(settings: Settings, *, max_connections: int = 1024, pool_timeout: float = 10.0,

@@ -174,3 +174,10 @@ def test_pool_wait_bounded_by_deadline() -> None:
         assert 0 < pool.timeout <= 0.2
     with within(time.monotonic() - 1):
         assert pool.timeout == 0
+
+
+def test_embedded_probe_understands_sentinel_urls() -> None:
+    from workers.embedded import redis_answers
+
+    # Nothing listens on port 1: the probe answers False instead of failing on the scheme.
+    assert redis_answers("sentinel://127.0.0.1:1/0?master_name=m", timeout=0.2) is False
