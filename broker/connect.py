@@ -89,9 +89,9 @@ class ConnectFlow:
         self.ttl = ttl_seconds
 
     def _audit(self, outcome: Outcome, user_id: str | None, server: str | None, reason: str | None = None,
-               action: Action = Action.CONNECT, request_id: str | None = None) -> None:
+               action: Action = Action.CONNECT, request_id: str | None = None, method: str = "connect") -> None:
         record_event(self.audit, self.clock.now(), action, outcome, user_id=user_id, server=server,
-                     method="connect", reason=reason, request_id=request_id)
+                     method=method, reason=reason, request_id=request_id)
 
     def start(self, user_id: str, server_name: str) -> ConnectStart:
         server = self.servers.get_server(server_name)
@@ -150,6 +150,8 @@ class ConnectFlow:
         A failed revocation is logged and audited; the local delete still happens.
         """
         server = self.servers.get_server(server_name)
+        # Audited with the server's own method: removing an entra_obo credential is not a connect.
+        method = "connect" if server.mode is Mode.OAUTH_CONNECT else server.mode.value
         stored = self.store.get(user_id, server.key)
         if stored is None:
             return self.store.delete(user_id, server.key)
@@ -157,12 +159,14 @@ class ConnectFlow:
             try:
                 revoked = self.oauth.revoke(server, stored.credential)
                 if revoked:
-                    self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.REVOKE, request_id=request_id)
+                    self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.REVOKE, request_id=request_id,
+                                method=method)
             except BrokerError as exc:
                 reason = getattr(exc, "oauth_error", None) or exc.code
                 log.warning("revocation failed for server %s: %s", server_name, reason)
                 self._audit(Outcome.FAILURE, user_id, server_name, reason, action=Action.REVOKE,
-                            request_id=request_id)
+                            request_id=request_id, method=method)
         deleted = self.store.delete(user_id, server.key)
-        self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id)
+        self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id,
+                    method=method)
         return deleted

@@ -14,8 +14,9 @@ from celery import Celery
 from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
-from .transport import SENTINEL_TRANSPORT, TRANSPORT
 from .redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentinel_kwargs
+from .tracing import connect_worker_signals
+from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
 
@@ -87,3 +88,4 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
 
 
 app = make_celery(load_settings(), main=True)
+connect_worker_signals()  # OpenTelemetry in workers, only when CREDBROKER_TRACING is set

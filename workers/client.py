@@ -20,6 +20,7 @@ import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from broker.clock import Clock, SystemClock
+from broker.keyspace import key_prefix
 from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
@@ -32,7 +33,9 @@ from broker.validation import validate_server_name, validate_user_id
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
 from .constants import cache_key, flight_key, result_key
-from .deadline import within
+from .deadline import grace, within
+from .diagnose import explain_timeout
+from .embedded import session_environment
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
 from .runtime import redis_client
@@ -46,6 +49,8 @@ _MAX_FLIGHT_RETRIES = 5
 _RECLAIM_PAUSE = 0.01
 # How long a client's claim outlives its caller's deadline.
 _CLAIM_MARGIN_MS = 2000
+# The one look at Redis that explains a timeout may overrun the deadline by this.
+_DIAGNOSE_SECONDS = 0.2
 
 
 class BrokerClient:
@@ -72,7 +77,8 @@ class BrokerClient:
         connection: redis.Redis | None = None,
         audit: StreamAuditSink | None = None,
     ) -> None:
-        s = settings or load_settings(environ)
+        # Beside a running `credbroker up` (its .credbroker/session.env), its settings apply here too.
+        s = settings or load_settings(session_environment() if environ is None else environ)
         changes: dict[str, Any] = {}
         if redis_url is not None:
             changes["redis_url"] = redis_url
@@ -274,8 +280,11 @@ class BrokerClient:
                     continue
                 return acq
         except BrokerError as exc:
+            if isinstance(exc, ResolveTimeout):
+                with grace(_DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
+                    exc = explain_timeout(self.redis, key_prefix(self._ns) + self.celery.conf.task_default_queue)
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
-            raise
+            raise exc from None
         except (redis.RedisError, KombuOperationalError, OSError):
             exc2 = ServiceUnavailable("Redis unavailable")
             record_failure(self.audit, self.clock, user_id, server, exc2, request_id)

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from redis.sentinel import SentinelManagedConnection
 
-__all__ = ["within", "remaining", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool"]
+__all__ = ["within", "grace", "remaining", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool"]
 
 _local = threading.local()
 
@@ -30,6 +30,18 @@ def within(deadline: float) -> Iterator[None]:
     """Bound this thread's Redis calls by ``deadline`` (a ``time.monotonic()`` value)."""
     outer = getattr(_local, "deadline", None)
     _local.deadline = deadline if outer is None else min(outer, deadline)
+    try:
+        yield
+    finally:
+        _local.deadline = outer
+
+
+@contextmanager
+def grace(seconds: float) -> Iterator[None]:
+    """A short fresh deadline, even past the caller's: for one cheap look at
+    Redis on a failure path (explaining a timeout), bounded by ``seconds``."""
+    outer = getattr(_local, "deadline", None)
+    _local.deadline = time.monotonic() + seconds
     try:
         yield
     finally:
