@@ -64,8 +64,8 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         redis_socket_keepalive=True,
         redis_backend_health_check_interval=15,
         # A failed publish is retried briefly; a caller's deadline bounds it further.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.1,
-                                   "interval_max": 0.2},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.05,
+                                   "interval_max": 0.05},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,

@@ -33,7 +33,7 @@ from broker.validation import validate_server_name, validate_user_id
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
 from .constants import cache_key, flight_key, result_key
-from .deadline import grace, within
+from .deadline import DeadlinePassed, grace, within
 from .diagnose import explain_timeout
 from .embedded import session_environment
 from .flight import Claims, ResultWaiter, new_task_id
@@ -50,7 +50,7 @@ _RECLAIM_PAUSE = 0.01
 # How long a client's claim outlives its caller's deadline.
 _CLAIM_MARGIN_MS = 2000
 # The one look at Redis that explains a timeout may overrun the deadline by this.
-_DIAGNOSE_SECONDS = 0.2
+_DIAGNOSE_SECONDS = 0.1
 
 
 class BrokerClient:
@@ -280,12 +280,18 @@ class BrokerClient:
                     continue
                 return acq
         except BrokerError as exc:
-            if isinstance(exc, ResolveTimeout):
-                with grace(_DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
-                    exc = explain_timeout(self.redis, key_prefix(self._ns) + self.celery.conf.task_default_queue)
-            record_failure(self.audit, self.clock, user_id, server, exc, request_id)
-            raise exc from None
+            failure: BrokerError = exc
+            explain = isinstance(exc, ResolveTimeout)
+        except DeadlinePassed:
+            # The next Redis call fell after the deadline (typically the last
+            # liveness check of a wait): the caller's time is up, not Redis.
+            failure, explain = ResolveTimeout(), True
         except (redis.RedisError, KombuOperationalError, OSError):
-            exc2 = ServiceUnavailable("Redis unavailable")
-            record_failure(self.audit, self.clock, user_id, server, exc2, request_id)
-            raise exc2 from None
+            # Redis stalled or failed; past the deadline, that is the caller's timeout.
+            failure = ResolveTimeout() if time.monotonic() >= deadline else ServiceUnavailable("Redis unavailable")
+            explain = False
+        if explain:
+            with grace(_DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
+                failure = explain_timeout(self.redis, key_prefix(self._ns) + self.celery.conf.task_default_queue)
+        record_failure(self.audit, self.clock, user_id, server, failure, request_id)
+        raise failure from None

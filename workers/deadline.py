@@ -20,9 +20,14 @@ from typing import Any
 import redis
 from redis.sentinel import SentinelManagedConnection
 
-__all__ = ["within", "grace", "remaining", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool"]
+__all__ = ["within", "grace", "remaining", "DeadlinePassed", "DeadlineConnection", "DeadlineSentinelConnection", "DeadlinePool"]
 
 _local = threading.local()
+
+
+class DeadlinePassed(redis.TimeoutError):
+    """Raised when a Redis call is attempted after the caller's deadline
+    (nothing was sent: Redis itself may be fine)."""
 
 
 @contextmanager
@@ -59,7 +64,7 @@ def _bounded(base: float | None) -> float | None:
     if left is None:
         return base
     if left <= 0:
-        raise redis.TimeoutError("the caller's deadline passed")
+        raise DeadlinePassed("the caller's deadline passed")
     return left if base is None else min(base, left)
 
 
@@ -93,7 +98,7 @@ class _DeadlineMixin:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         try:
             timeout = _bounded(self.socket_timeout)
-        except redis.TimeoutError:
+        except DeadlinePassed:
             self.disconnect()  # type: ignore[attr-defined]  # a reply is pending: the socket is spent
             raise
         self._sock.settimeout(timeout)

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -41,8 +41,9 @@ SENTINEL_TIMEOUT = 0.5
 # An idle pooled connection is pinged before reuse after this long, and TCP
 # keepalive notices a peer that vanished (a failed-over VM) on idle sockets.
 HEALTH_CHECK_SECONDS = 15
-# A stale pooled socket (Redis restarted) is retried at once, a few times.
-_RETRY = Retry(ExponentialBackoff(cap=0.05, base=0.01), 2)
+# A stale pooled socket (Redis restarted) is retried at once on a fresh one, a
+# few times; no back-off sleeps, which would run past a caller's deadline.
+_RETRY = Retry(NoBackoff(), 2)
 
 
 def sentinel_kwargs(password: str | None) -> dict[str, Any]:
