@@ -57,6 +57,8 @@ class Stream:
                 outcome = exc.code
             with self.lock:
                 self.events.append((time.monotonic(), outcome))
+            if outcome != "ok":
+                self.stop.wait(0.05)  # pace retries while Redis is away, as a gateway would
 
     def start(self) -> None:
         for t in self.threads:
