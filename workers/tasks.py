@@ -166,7 +166,8 @@ def refresh_due() -> dict[str, Any]:
         key = flight_key(user_id, server_key)
         if rt.claims.claim(key, task_id, ttl_ms):
             try:
-                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
+                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay,
+                              kwargs={"config": rt.servers.fingerprint})
             except Exception as exc:  # noqa: BLE001 - one failed send must not strand the pair or the scan
                 rt.claims.release(key, task_id)
                 log.warning("refresh_due: could not send a refresh flight: %s", type(exc).__name__)
