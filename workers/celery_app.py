@@ -35,8 +35,9 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     target = parse_redis_url(settings.redis_url)
     # Every kombu and result-backend socket has connect, read and keepalive
     # timeouts: a black-holed Redis must never block a sender forever.
+    tcp = not target.url.startswith(("unix://", "socket://"))  # keepalive is for TCP only
     sockets = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
-               "socket_keepalive": True}
+               "socket_keepalive": tcp}
     sentinel = {"master_name": target.master_name,
                 "sentinel_kwargs": sentinel_kwargs(target.sentinel_password)} if target.is_sentinel else {}
     backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
@@ -61,7 +62,7 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel, **namespaced},
         redis_socket_timeout=SOCKET_TIMEOUT,
         redis_socket_connect_timeout=CONNECT_TIMEOUT,
-        redis_socket_keepalive=True,
+        redis_socket_keepalive=tcp,
         redis_backend_health_check_interval=15,
         # A failed publish is retried briefly; a caller's deadline bounds it further.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.05,

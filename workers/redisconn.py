@@ -125,5 +125,7 @@ def redis_client(settings: Settings, *, max_connections: int = 1024, pool_timeou
             username=target.username, password=target.password, **common)
     if target.url.startswith("redis://"):  # TLS and unix sockets keep redis-py's classes
         common["connection_class"] = DeadlineConnection
+    elif target.url.startswith("unix://"):  # no TCP: no keepalive, and connecting cannot hang
+        common.pop("socket_keepalive")
     pool = DeadlinePool.from_url(target.url, max_connections=max_connections, timeout=pool_timeout, **common)
     return redis.Redis.from_pool(pool)

@@ -181,3 +181,12 @@ def test_embedded_probe_understands_sentinel_urls() -> None:
 
     # Nothing listens on port 1: the probe answers False instead of failing on the scheme.
     assert redis_answers("sentinel://127.0.0.1:1/0?master_name=m", timeout=0.2) is False
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/none.sock?db=0"])
+def test_every_plain_scheme_builds_connections(url: str) -> None:
+    from broker.settings import Settings
+    from workers.redisconn import redis_client
+
+    conn = redis_client(Settings(redis_url=url)).connection_pool.make_connection()
+    assert conn.socket_timeout == 5.0
