@@ -66,6 +66,8 @@ class Settings:
     http_read_timeout: float = 10.0
     provider_retry_seconds: float = 10.0
     provider_max_attempts: int = 4
+    # Added to the worst-case provider call to size a renewal's lease (broker.lease).
+    lease_margin_seconds: float = 5.0
     # Expiry and refresh.
     near_expiry_seconds: float = 60.0
     refresh_fraction: float = 0.8
@@ -75,6 +77,9 @@ class Settings:
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
+    # Seconds a taken, unacknowledged task message may wait before the Redis
+    # transport delivers it again; 0: twice the task time limit plus 60 s.
+    visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
     # Operations.
     log_level: str = "INFO"
@@ -114,6 +119,7 @@ SETTING_NAMES: dict[str, str] = {
     "HTTP_READ_TIMEOUT": "http_read_timeout",
     "PROVIDER_RETRY_SECONDS": "provider_retry_seconds",
     "PROVIDER_MAX_ATTEMPTS": "provider_max_attempts",
+    "LEASE_MARGIN_SECONDS": "lease_margin_seconds",
     "NEAR_EXPIRY_SECONDS": "near_expiry_seconds",
     "REFRESH_FRACTION": "refresh_fraction",
     "RECENT_USE_SECONDS": "recent_use_seconds",
@@ -121,6 +127,7 @@ SETTING_NAMES: dict[str, str] = {
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
+    "VISIBILITY_TIMEOUT": "visibility_timeout",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",

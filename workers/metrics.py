@@ -134,6 +134,8 @@ _CLUSTER_HELP = {
     "credbroker_beat_scans_total": ("counter", "Proactive refresh scans run"),
     "credbroker_credentials_due": ("gauge", "Credentials due in the last beat scan"),
     "credbroker_refresh_flights_sent_total": ("counter", "Proactive refresh flights sent by the beat"),
+    "credbroker_rotation_lost_total": ("counter", "Refresh tokens found spent by a flight whose outcome was lost "
+                                                  "(lease expired mid-call); each user must reconnect"),
 }
 
 

@@ -21,6 +21,7 @@ from broker.connect import ConnectFlow
 from broker.crypto import DecryptError, Sealer
 from broker.db import make_engine
 from broker.keyspace import set_namespace
+from broker.lease import lease_seconds
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
 from broker.oauth.sender import TokenEndpointSender, make_http_client
@@ -99,13 +100,16 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     connect = None
     if sealer is not None:
         connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, sealer), audit, clock,
-                              settings.callback_url, settings.state_ttl_seconds)
+                              settings.callback_url, settings.state_ttl_seconds,
+                              lease_seconds=lease_seconds(settings))
     policy = load_policy(settings.policy)
     resolver = Resolver(
         servers, store, oauth, audit, clock, policy=policy,
         connect_url=pending_connect_url(client, sealer, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
+        lease_seconds=lease_seconds(settings), lease_margin=settings.lease_margin_seconds,
     )
+    resolver.on_rotation_lost = lambda server: cluster_incr(client, "credbroker_rotation_lost_total", server=server)
     # Flight heartbeats get their own connection with a short timeout, so one
     # stalled extension is noticed well before the claim could expire.
     heartbeat = _redis_client(settings, max_connections=64, socket_timeout=1, connect_timeout=1)
