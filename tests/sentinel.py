@@ -134,6 +134,11 @@ class SentinelSet:
         self._start_data(old, other)
         return other
 
+    def disrupt(self) -> int:
+        """One outage, alternating a ``SENTINEL FAILOVER`` and a killed master."""
+        self._disruptions = getattr(self, "_disruptions", 0) + 1
+        return self.failover() if self._disruptions % 2 else self.kill_master()
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
