@@ -157,8 +157,9 @@ class Sandbox:
 
 
 def bench_servers(sandbox_url: str) -> list[dict[str, Any]]:
-    """Three token-exchange style servers: fast path and misses use ``tx`` and
-    ``obo``; the proactive-refresh row has ``rf`` to itself."""
+    """Token-exchange style servers: fast path and misses use ``tx`` and
+    ``obo``; the proactive-refresh row has ``rf`` to itself; ``dp`` is ``tx``
+    with DPoP, for the proof-cost row."""
     ab = {"token_endpoint": f"{sandbox_url}/token", "client_id": "broker-client", "client_secret": CLIENT_SECRET}
     return [
         {"name": "tx", "url": "https://tx.upstream.test/mcp",
@@ -167,6 +168,8 @@ def bench_servers(sandbox_url: str) -> list[dict[str, Any]]:
          "auth_broker": {"mode": "entra_obo", **ab, "scopes": ["api://obo/.default"]}},
         {"name": "rf", "url": "https://rf.upstream.test/mcp",
          "auth_broker": {"mode": "token_exchange", **ab, "audience": "rf-api", "scopes": ["read"]}},
+        {"name": "dp", "url": "https://dp.upstream.test/mcp",
+         "auth_broker": {"mode": "token_exchange", **ab, "audience": "tx-api", "scopes": ["read"], "dpop": True}},
     ]
 
 

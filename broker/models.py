@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from .dpop import DPoPKey
 from .secret import Secret
 
 __all__ = [
@@ -48,6 +49,8 @@ class Credential:
     refresh_token: Secret | None = None
     scopes: tuple[str, ...] = ()
     audience: str | None = None
+    # DPoP servers: the key the token is bound to (sealed wherever it is stored).
+    dpop_key: DPoPKey | None = None
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
@@ -32,44 +31,18 @@ from .errors import (
     UpstreamError,
     UpstreamOutcomeUnknown,
 )
-from .headers import apply_header, render_header_value
 from .lease import ROTATION_LOST, LeaseTake, local_owner
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
 from .policy import Policy, PolicyInput, allow_all, enforce
+from .resolved import Resolved, check_nonce, check_request_target, resolved_from, unbound
 from .secret import Secret
 from .servers import Mode, ServerConfig, ServerRegistry
 from .store import CredentialStore
 
-__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from"]
+__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from",
+           "check_request_target", "check_nonce", "unbound"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The header to inject for (user, server) now, plus non-secret metadata."""
-
-    server: str
-    header: str
-    value: Secret
-    token_type: str
-    expires_at: datetime | None
-    obtained_via: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """The contract's resolve body; the header value is revealed here only."""
-        return {
-            "server": self.server,
-            "header": self.header,
-            "value": self.value.reveal(),
-            "token_type": self.token_type,
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-            "obtained_via": self.obtained_via,
-        }
-
-    def apply(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
-        """Set the header, replacing any same-named one (case-insensitively)."""
-        return apply_header(headers, self.header, self.value)
 
 
 @dataclass(frozen=True)
@@ -131,15 +104,20 @@ class Resolver:
 
     # -- public ----------------------------------------------------------------
 
-    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None) -> Resolved:
-        """The header for (user, server) now, or a BrokerError saying why not."""
+    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None,
+                method: str | None = None, url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
+        """The header for (user, server) now, or a BrokerError saying why not.
+
+        ``method`` and ``url`` name the upstream request: a DPoP server's
+        answer then carries a proof bound to them and to the token."""
         server = self.servers.get_server(server_name)
         try:
             acquisition = self.acquire(user_id, server_name)
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
-        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id)
+        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
+                      method=method, url=url, dpop_nonce=dpop_nonce)
 
     def acquire(self, user_id: str, server_name: str, *, owner: str | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
@@ -186,7 +164,7 @@ class Resolver:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
                 return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True,
                                                                     owner=owner, action=Action.ACQUIRE))
-            if not self._due(cred, now):
+            if not self._due(cred, now) and not unbound(server, cred):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
             return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, owner=owner))
@@ -400,33 +378,21 @@ class Resolver:
         _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
 
 
-def resolved_from(server: ServerConfig, cred: Credential) -> Resolved:
-    """The header to inject for a credential, per the server's header config."""
-    cfg = server.auth_broker
-    return Resolved(
-        server=server.name,
-        header=cfg.header,
-        value=render_header_value(cfg.header_format, cred.access_token),
-        token_type=cred.token_type,
-        expires_at=cred.expires_at,
-        obtained_via=cred.obtained_via.value,
-    )
-
-
 def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
-           acquisition: Acquisition, request_id: str | None) -> Resolved:
+           acquisition: Acquisition, request_id: str | None, *, method: str | None = None,
+           url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
-    method = _method(server)
+    audit_method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
-        resolved = resolved_from(server, cred)
+        resolved = resolved_from(server, cred, method=method, url=url, dpop_nonce=dpop_nonce)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
-        _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)
+        _record(audit, clock, acquisition.action, outcome, user_id, server, audit_method, exc.code, request_id)
         raise
-    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, method,
+    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, audit_method,
             acquisition.reason, request_id)
     return resolved
 

@@ -23,6 +23,9 @@ from .secret import Secret
 __all__ = ["Settings", "PREFIX", "SETTING_NAMES", "read_env_file", "load_settings"]
 
 PREFIX = "CREDBROKER_"
+# HKDF labels of the two subkeys of each master key; changing one invalidates live blobs.
+TRANSPORT_LABEL = "credbroker transport v1"
+INTERNAL_LABEL = "credbroker internal v1"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -81,6 +84,10 @@ class Settings:
     # transport delivers it again; 0: twice the task time limit plus 60 s.
     visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
+    # Connect flow completion and abuse limits (README "Security model").
+    connect_callback_url: str | None = None
+    connect_states_per_pair: int = 5
+    audit_retention_days: int = 0  # 0: keep forever
     # Operations.
     log_level: str = "INFO"
     flower_basic_auth: Secret | None = None
@@ -91,16 +98,30 @@ class Settings:
         return self.keyring is not None
 
     def sealer(self) -> Sealer | None:
-        """The transport sealer: TRANSPORT_KEY, else derived from the master key."""
+        """The transport sealer (what a gateway also holds): it opens the cache and
+        flight results. TRANSPORT_KEY, else a subkey of each master key."""
         if self.transport_key is not None:
             return Sealer(self.transport_key)
         if self.keyring is not None:
-            return Sealer(self.keyring.derive("credbroker transport v1"))
+            return Sealer(self.keyring.derive_ring(TRANSPORT_LABEL))
         return None
+
+    def internal_sealer(self) -> Sealer | None:
+        """The sealer only the API and workers hold (connect states and what a
+        gateway must not forge): a subkey of each master key, never TRANSPORT_KEY."""
+        if self.keyring is None:
+            return None
+        return Sealer(self.keyring.derive_ring(INTERNAL_LABEL), role="internal")
 
     @property
     def callback_url(self) -> str:
-        return self.public_url.rstrip("/") + "/v1/connect/callback"
+        """Where the authorization server sends the browser back."""
+        return self.connect_callback_url or self.public_url.rstrip("/") + "/v1/connect/callback"
+
+    @property
+    def open_url(self) -> str | None:
+        """The broker URL a connect link starts at (None when a gateway hosts the callback)."""
+        return None if self.connect_callback_url else self.public_url.rstrip("/") + "/v1/connect/open"
 
 
 # Variable name (without prefix) -> Settings field, for docs and for tests
@@ -129,6 +150,9 @@ SETTING_NAMES: dict[str, str] = {
     "TASK_TIME_LIMIT": "task_time_limit",
     "VISIBILITY_TIMEOUT": "visibility_timeout",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
+    "CONNECT_CALLBACK_URL": "connect_callback_url",
+    "CONNECT_STATES_PER_PAIR": "connect_states_per_pair",
+    "AUDIT_RETENTION_DAYS": "audit_retention_days",
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",
     "STATE_DIR": "state_dir",
@@ -202,6 +226,8 @@ def load_settings(
             values[attr] = validate_namespace(value)
         elif name == "PUBLIC_URL":
             values[attr] = _url(name, value, ("http", "https")).rstrip("/")
+        elif name == "CONNECT_CALLBACK_URL":
+            values[attr] = _url(name, value, ("http", "https"))
         elif name == "MASTER_KEYS":
             values[attr] = Keyring.from_mapping(parse_master_keys(value, PREFIX + name))
         elif name == "TRANSPORT_KEY":

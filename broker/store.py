@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
+from .dpop import DPoPKey
 from .db import credentials as T
 from .db import db_now
 from .db import subject_tokens as S
@@ -117,6 +118,12 @@ class CredentialStore:
         if payload is None:
             return None
         refresh = payload.get("r")
+        try:
+            dpop_key = DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None
+        except (ValueError, KeyError, TypeError):
+            self.decrypt_failures += 1
+            log.warning("unreadable DPoP key in credential record for user %r server %s", row.user_id, row.server_key[:12])
+            return None
         cred = Credential(
             access_token=Secret(payload["a"]),
             refresh_token=Secret(refresh) if refresh else None,
@@ -126,6 +133,7 @@ class CredentialStore:
             issued_at=row.issued_at,
             scopes=tuple(json.loads(row.scopes or "[]")),
             audience=row.audience,
+            dpop_key=dpop_key,
         )
         return StoredCredential(
             user_id=row.user_id,
@@ -143,10 +151,12 @@ class CredentialStore:
 
     def _values(self, user_id: str, server_key: str, cred: Credential, status: CredentialStatus,
                 now: datetime, failure: str | None) -> dict[str, Any]:
-        blob, kid = self._seal(
-            {"a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None},
-            KIND_CREDENTIAL, user_id, server_key,
-        )
+        payload: dict[str, Any] = {
+            "a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None,
+        }
+        if cred.dpop_key is not None:
+            payload["d"] = cred.dpop_key.to_private_jwk()  # sealed with the tokens it binds
+        blob, kid = self._seal(payload, KIND_CREDENTIAL, user_id, server_key)
         return {
             "ciphertext": blob,
             "key_id": kid,
@@ -330,6 +340,12 @@ class CredentialStore:
         with self.engine.begin() as conn:
             result = conn.execute(delete(T).where(and_(*cond)))
         return result.rowcount == 1
+
+    @_guarded
+    def delete_user(self, user_id: str) -> int:
+        """Every credential row of the user, readable or not (erasure); returns how many."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(delete(T).where(T.c.user_id == user_id)).rowcount)
 
     @_guarded
     def list(self, user_id: str) -> list[StoredCredential]:

@@ -18,12 +18,16 @@ from .redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentine
 from .tracing import connect_worker_signals
 from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
+           "TASK_PRUNE_AUDIT", "QUEUE"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
+TASK_PRUNE_AUDIT = "broker.prune_audit"
+# Audit retention runs often enough that each run deletes little (bounded batches).
+PRUNE_AUDIT_SECONDS = 600
 QUEUE = "credbroker"
 RESULT_EXPIRES_SECONDS = 300
 
@@ -77,10 +81,11 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
             "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
+            "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks"]
+        app.conf.imports = ["workers.tasks", "workers.retention"]
         set_namespace(settings.namespace)  # the worker's and the beat's process serve this deployment
     # Connections that obey a caller's deadline (senders: clients, the API) and
     # survive a Sentinel master's death (workers); see ``workers.transport``.

@@ -47,6 +47,7 @@ class Family:
     revoked: bool = False
     refresh_tokens: list[str] = field(default_factory=list)
     access_jtis: set[str] = field(default_factory=set)
+    jkt: str | None = None  # DPoP: the key its refresh tokens are bound to
 
 
 @dataclass

@@ -384,3 +384,36 @@ def test_a_refresh_with_no_answer_leaves_its_outcome_unknown(env) -> None:  # ty
     after = store.get("alice", key)
     assert after is not None and after.failure == "rotation_lost" and lost == ["gh"]
     assert len(oauth.calls) == 2
+
+
+def test_dpop_server_renews_a_credential_stored_without_a_key(tmp_path: object, clock: FakeClock) -> None:
+    """Turning ``dpop: true`` on: a Bearer credential stored before is re-minted with a key, not served."""
+    from dataclasses import replace as _replace
+    from pathlib import Path
+
+    from broker.dpop import DPoPKey
+    from broker.servers import ServerRegistry
+
+    engine = make_engine(f"sqlite:///{Path(str(tmp_path)) / 'dpop.db'}")
+    upgrade(engine)
+    store = CredentialStore(engine, make_keyring("A"), clock=clock)
+    tx = SERVERS["tx"]
+    dp = _replace(tx, auth_broker=_replace(tx.auth_broker, dpop=True, header_format="DPoP {token}"))
+    oauth = FakeOAuth(clock)
+    minted = oauth._issue
+
+    def bound(via: ObtainedVia, refresh: bool = False) -> Credential:
+        return minted(via, refresh).with_changes(token_type="DPoP", dpop_key=DPoPKey.generate())
+
+    oauth._issue = bound  # type: ignore[method-assign]
+    resolver = Resolver(ServerRegistry([dp]), store, oauth, MemoryAuditSink(), clock)
+    store.put_subject_token("alice", SubjectToken(Secret(canary("subject")), None))
+    store.compare_and_swap("alice", dp.key, None, minted(ObtainedVia.TOKEN_EXCHANGE))
+    resolved = resolver.resolve("alice", "tx", method="GET", url="https://tx.example.com/mcp")
+    assert [c[0] for c in oauth.calls] == ["mint"] and resolved.dpop is not None
+    assert resolved.value.reveal().startswith("DPoP ")
+    stored = store.get("alice", dp.key)
+    assert stored is not None and stored.credential.dpop_key == resolved.dpop_key
+    resolver.resolve("alice", "tx", method="GET", url="https://tx.example.com/mcp")
+    assert len(oauth.calls) == 1  # now bound: served from the store
+    engine.dispose()
