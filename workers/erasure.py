@@ -61,6 +61,7 @@ def erase_user(rt: Runtime, user_id: str, request_id: str | None = None) -> int:
     keys = set(configured)
     try:
         rt.connect.discard_pending(user_id)
+        rt.audit.flush()  # use marks still buffered here must not land after the ZREM below
         pipe = rt.redis.pipeline(transaction=False)
         for key in keys:
             pipe.delete(cache_key(user_id, key), pending_connect_key(user_id, key))
