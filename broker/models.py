@@ -98,6 +98,12 @@ class StoredCredential:
     last_used_at: datetime | None = None
     refresh_at: datetime | None = None
     failure: str | None = field(default=None)
+    # Scheduling: no renewal before ``next_attempt_at`` (backoff after
+    # ``failure_count`` consecutive failures); ``keepalive_at``: renew by then
+    # even if idle, before the refresh token dies of disuse.
+    next_attempt_at: datetime | None = None
+    failure_count: int = 0
+    keepalive_at: datetime | None = None
     # The lease fence (see ``broker.lease``): who may present this row's
     # refresh or subject token now, and until when in the database's clock.
     lease_owner: str | None = None

@@ -77,6 +77,9 @@ class Settings:
     recent_use_seconds: float = 86400.0
     refresh_scan_seconds: float = 5.0
     refresh_jitter_seconds: float = 2.0
+    # Per-credential backoff after a failed renewal: first delay and cap.
+    renewal_backoff_seconds: float = 10.0
+    renewal_backoff_max_seconds: float = 3600.0
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
@@ -146,6 +149,8 @@ SETTING_NAMES: dict[str, str] = {
     "RECENT_USE_SECONDS": "recent_use_seconds",
     "REFRESH_SCAN_SECONDS": "refresh_scan_seconds",
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
+    "RENEWAL_BACKOFF_SECONDS": "renewal_backoff_seconds",
+    "RENEWAL_BACKOFF_MAX_SECONDS": "renewal_backoff_max_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
     "VISIBILITY_TIMEOUT": "visibility_timeout",
@@ -250,6 +255,9 @@ def load_settings(
             if fraction > 1.0:
                 raise ConfigError(f"{PREFIX}REFRESH_FRACTION: must be between 0.05 and 1.0")
             values[attr] = fraction
+        elif name in ("RENEWAL_BACKOFF_SECONDS", "RENEWAL_BACKOFF_MAX_SECONDS"):
+            # Below a second, "backoff" would be a retry loop against a failing server.
+            values[attr] = _number(name, value, float, 1.0)
         elif name == "LOG_LEVEL":
             if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ConfigError(f"{PREFIX}LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR")
@@ -264,6 +272,9 @@ def load_settings(
             values[attr] = _number(name, value, float, 0.0)
         else:
             values[attr] = value
+    base = values.get("renewal_backoff_seconds", defaults.renewal_backoff_seconds)
+    if values.get("renewal_backoff_max_seconds", defaults.renewal_backoff_max_seconds) < base:  # type: ignore[operator]
+        raise ConfigError(f"{PREFIX}RENEWAL_BACKOFF_MAX_SECONDS: must be at least RENEWAL_BACKOFF_SECONDS")
     known = {f.name for f in fields(Settings)}
     assert set(values) <= known
     return Settings(**values)  # type: ignore[arg-type]

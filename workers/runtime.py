@@ -28,7 +28,7 @@ from broker.oauth.sender import TokenEndpointSender, make_http_client
 import httpx
 from broker.policy import Policy, load_policy
 from broker.resolver import Resolver
-from broker.servers import ServerRegistry, servers_from_settings
+from broker.servers import Mode, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.state import BIND_SUFFIX, RedisStateStore, state_key
 from broker.store import CredentialStore
@@ -93,7 +93,8 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     internal = settings.internal_sealer()
     near = timedelta(seconds=settings.near_expiry_seconds)
     store = CredentialStore(make_engine(settings.database_url), settings.keyring, clock=clock,
-                            near_expiry=near, refresh_fraction=settings.refresh_fraction)
+                            near_expiry=near, refresh_fraction=settings.refresh_fraction,
+                            idle_seconds=_idle_limits(servers))
     http = make_http_client(settings)
     oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock,
                         on_call=lambda grant, result: cluster_incr(client, "credbroker_provider_calls_total",
@@ -112,6 +113,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         servers, store, oauth, audit, clock, policy=policy,
         connect_url=pending_connect_url(client, internal, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
+        backoff_seconds=settings.renewal_backoff_seconds, backoff_max_seconds=settings.renewal_backoff_max_seconds,
         lease_seconds=lease_seconds(settings), lease_margin=settings.lease_margin_seconds,
     )
     resolver.on_rotation_lost = lambda server: cluster_incr(client, "credbroker_rotation_lost_total", server=server)
@@ -120,6 +122,13 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     heartbeat = _redis_client(settings, max_connections=64, socket_timeout=1, connect_timeout=1)
     return Runtime(settings, servers, client, sealer, internal, Claims(client), audit, store, oauth, resolver, connect,
                    policy, clock, http, Claims(heartbeat))
+
+
+def _idle_limits(servers: ServerRegistry) -> Callable[[str], float | None]:
+    """server_key -> refresh-token idle limit, for connect servers that set one."""
+    limits = {s.key: float(s.auth_broker.refresh_token_idle_seconds) for s in servers.values()
+              if s.mode is Mode.OAUTH_CONNECT and s.auth_broker.refresh_token_idle_seconds}
+    return limits.get
 
 
 def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: ConnectFlow,

@@ -117,11 +117,11 @@ class OAuthClient:
     def _token(
         self, server: ServerConfig, cfg: AuthBrokerConfig, req: TokenRequest, *,
         obtained_via: ObtainedVia, scopes: tuple[str, ...], audience: str | None,
-        dpop_key: DPoPKey | None = None,
+        dpop_key: DPoPKey | None = None, retry: bool = True,
     ) -> Credential:
         now = self._clock.now()
         try:
-            status, headers, body = self._sender.send(req)
+            status, headers, body = self._sender.send(req, max_attempts=None if retry else 1)
             credential = parse_token_response(
                 status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
                 now=now, audience=audience, adapt=response_adapter(cfg.provider),
@@ -149,8 +149,11 @@ class OAuthClient:
         log.warning("server=%s: token response has no expires_in and the token no readable expiry; "
                     "treated as never expiring (set auth_broker.default_lifetime_seconds)", server.name)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
-        """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
+        """A fresh credential from the user's subject token (token_exchange or entra_obo).
+
+        ``retry=False``: one attempt (the caller keeps a valid credential and
+        schedules its own next attempt)."""
         cfg = self.endpoints(server)
         key = DPoPKey.generate() if cfg.dpop else None  # a fresh mint binds a fresh key
         pop = {"now": self._now(), "proof": self._proof(cfg, key)}
@@ -161,7 +164,7 @@ class OAuthClient:
         else:
             raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
         return self._token(server, cfg, req, obtained_via=via, scopes=cfg.scopes,
-                           audience=cfg.audience or cfg.resource, dpop_key=key)
+                           audience=cfg.audience or cfg.resource, dpop_key=key, retry=retry)
 
     def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
         """Exchange a connect-flow authorization code (with its PKCE verifier)."""
@@ -174,7 +177,7 @@ class OAuthClient:
             audience=cfg.audience or cfg.resource, dpop_key=key,
         )
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         """Renew with the refresh-token grant.
 
         A rotated refresh token replaces the old one; when the response has
@@ -193,7 +196,7 @@ class OAuthClient:
         scopes = cfg.scopes if sent_scope else (credential.scopes or cfg.scopes)
         renewed = self._token(
             server, cfg, req, obtained_via=credential.obtained_via, scopes=scopes,
-            audience=credential.audience or cfg.audience or cfg.resource, dpop_key=key,
+            audience=credential.audience or cfg.audience or cfg.resource, dpop_key=key, retry=retry,
         )
         if renewed.refresh_token is None:
             renewed = renewed.with_changes(refresh_token=credential.refresh_token)

@@ -152,14 +152,15 @@ class TokenEndpointSender:
             max_attempts=settings.provider_max_attempts,
         )
 
-    def send(self, req: TokenRequest) -> Response:
+    def send(self, req: TokenRequest, *, max_attempts: int | None = None) -> Response:
         """POST the form; return a 2xx ``(status, headers, body)`` or raise UpstreamError.
 
         A non-2xx answer raises the secret-free error from
         ``parse_error_response`` (status and allow-listed code only). Every
         attempt carries a fresh client assertion and DPoP proof (never one
         already sent); a ``use_dpop_nonce`` answer with a ``DPoP-Nonce`` is
-        retried once with that nonce.
+        retried once with that nonce. ``max_attempts`` lowers the configured
+        attempt limit for this call.
         """
         origin = _origin(req.url)
         attempts = 0
@@ -177,10 +178,10 @@ class TokenEndpointSender:
                 self._remember_nonce(origin, response[1]["dpop-nonce"])
             return response
 
-        status, headers, body = self._with_retries(once, req.host, req.grant)
+        status, headers, body = self._with_retries(once, req.host, req.grant, max_attempts)
         if req.proof is not None and status in (400, 401) and headers.get("dpop-nonce") and _wants_nonce(body):
             log.info("authorization server host=%s grant=%s: DPoP nonce required, retrying once", req.host, req.grant)
-            status, headers, body = self._with_retries(once, req.host, req.grant)
+            status, headers, body = self._with_retries(once, req.host, req.grant, max_attempts)
         if not 200 <= status < 300:
             raise parse_error_response(status, headers, body)
         return status, headers, body
@@ -225,7 +226,9 @@ class TokenEndpointSender:
         except httpx.InvalidURL:
             raise UpstreamError("invalid authorization server URL") from None
 
-    def _with_retries(self, call: Callable[[], Response], host: str, grant: str) -> Response:
+    def _with_retries(self, call: Callable[[], Response], host: str, grant: str,
+                      max_attempts: int | None = None) -> Response:
+        limit = self._max_attempts if max_attempts is None else max(1, min(max_attempts, self._max_attempts))
         start = self._monotonic()
         attempt = 0
         while True:
@@ -248,7 +251,7 @@ class TokenEndpointSender:
                     return status, headers, body
                 outcome = str(status)
             delay = None
-            if attempt < self._max_attempts:
+            if attempt < limit:
                 remaining = self._retry_seconds - (self._monotonic() - start)
                 delay = retry_delay(error, attempt, remaining, rand=self._rand)
             if delay is None:

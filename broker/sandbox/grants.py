@@ -152,7 +152,9 @@ def _authorization_code(provider: SandboxProvider, client_id: str, form: Form) -
     provider.count_grant("authorization_code", record.user)
     body = _bearer(provider, token, record.scope, client_id)
     if record.offline:  # a profile may withhold it (no offline_access, no access_type=offline)
-        body["refresh_token"] = store.new_refresh(family).token
+        refresh = store.new_refresh(family)
+        refresh.active_at = provider.clock()
+        body["refresh_token"] = refresh.token
     return body
 
 
@@ -167,6 +169,9 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         raise OAuthError("invalid_grant", "refresh token was issued to another client")
     if family.revoked:
         raise OAuthError("invalid_grant", "refresh token revoked")
+    idle = provider.refresh_idle_seconds
+    if idle and not record.used and provider.clock() - record.active_at > idle:
+        raise OAuthError("invalid_grant", "refresh token expired from disuse")
     behaviour = provider.behaviour(client_id)
     rotation = provider.rotate_refresh_tokens if behaviour.rotate is None else behaviour.rotate
     grace = provider.refresh_reuse_grace if behaviour.reuse_grace is None else behaviour.reuse_grace
@@ -195,8 +200,12 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         if not record.used:
             record.used = True
             record.used_at = provider.clock()
-        body["refresh_token"] = store.new_refresh(family).token
+        rotated = store.new_refresh(family)
+        rotated.active_at = provider.clock()
+        body["refresh_token"] = rotated.token
         provider.count_rotation()
+    else:
+        record.active_at = provider.clock()
     provider.count_grant("refresh_token", family.sub)
     return body
 

@@ -28,7 +28,7 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
                  "client_profiles", "grantable_scopes", "revoke_family", "client_jwks", "dpop_nonce",
-                 "resource_dpop_nonce")
+                 "resource_dpop_nonce", "refresh_idle_seconds")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -46,6 +46,7 @@ class SandboxProvider:
         refresh_reuse_grace: float = 0.0,
         client_profiles: dict[str, str] | None = None,
         grantable_scopes: list[str] | None = None,
+        refresh_idle_seconds: float = 0.0,
         revoke_family: bool = True,
         client_jwks: dict[str, dict[str, str]] | None = None,
         dpop_nonce: str | None = None,
@@ -69,6 +70,8 @@ class SandboxProvider:
             "client_profiles": {k: check_profile_name(v) for k, v in (client_profiles or {}).items()},
             # None: consent grants every requested scope; else only these (a narrowed grant).
             "grantable_scopes": None if grantable_scopes is None else list(grantable_scopes),
+            # Refresh tokens unused this long die of disuse (Google, Atlassian); 0: never.
+            "refresh_idle_seconds": refresh_idle_seconds,
             "revoke_family": revoke_family,
             # client_id -> registered public JWK: those clients authenticate with private_key_jwt.
             "client_jwks": {str(k): dict(v) for k, v in (client_jwks or {}).items()},
@@ -88,6 +91,7 @@ class SandboxProvider:
         self.refresh_reuse_grace = refresh_reuse_grace
         self.client_profiles: dict[str, str] = {}
         self.grantable_scopes: list[str] | None = None
+        self.refresh_idle_seconds = refresh_idle_seconds
         # False: revoking a refresh token kills only that token, as some
         # providers do (RFC 7009 leaves it open), not its whole family.
         self.revoke_family = revoke_family
@@ -120,6 +124,8 @@ class SandboxProvider:
                     value = float(value)
                 elif name in ("rotate_refresh_tokens", "revoke_family"):
                     value = bool(value)
+                elif name == "refresh_idle_seconds":
+                    value = float(value)
                 else:
                     value = int(value)
                 setattr(self, name, value)

@@ -58,6 +58,8 @@ class RefreshRecord:
     family_id: str
     used: bool = False
     used_at: float = 0.0
+    # Issued or last redeemed (provider clock): idle expiry counts from here.
+    active_at: float = 0.0
 
 
 @dataclass

@@ -60,14 +60,14 @@ class FakeOAuth:
                           expires_at=now + timedelta(seconds=self.ttl), scopes=("read",),
                           refresh_token=Secret(canary("rt")) if refresh else None)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
         self.calls.append(("mint", subject_token.reveal()))
         if self.fail:
             raise self.fail
         via = ObtainedVia.ENTRA_OBO if server.mode.value == "entra_obo" else ObtainedVia.TOKEN_EXCHANGE
         return self._issue(via)
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         assert credential.refresh_token is not None
         self.calls.append(("refresh", credential.refresh_token.reveal()))
         if self.fail:
@@ -205,6 +205,8 @@ def test_connect_without_refresh_token_expired_reconnect(env) -> None:  # type: 
     with pytest.raises(NotConnected) as info:
         resolver.resolve("alice", "gh")
     assert info.value.reason == "reconnect_required" and oauth.calls == []
+    stored = store.get("alice", SERVERS["gh"].key)
+    assert stored is not None and stored.status is CredentialStatus.NEEDS_RECONNECT and stored.refresh_at is None
 
 
 def test_per_user_isolation(env) -> None:  # type: ignore[no-untyped-def]
@@ -328,7 +330,7 @@ def test_a_status_write_mid_refresh_does_not_strand_the_rotated_token(env) -> No
     clock.advance(700)
     real_refresh = oauth.refresh
 
-    def refresh_with_status_write(server: ServerConfig, credential: Credential) -> Credential:
+    def refresh_with_status_write(server: ServerConfig, credential: Credential, **_: object) -> Credential:
         store.set_status("alice", key, CredentialStatus.DEGRADED, failure="temporarily_unavailable")
         return real_refresh(server, credential)
 
@@ -351,7 +353,7 @@ def test_a_lease_lost_mid_call_serves_nothing_unstored(env) -> None:  # type: ig
     clock.advance(700)
     real_refresh = oauth.refresh
 
-    def refresh_while_taken_over(server: ServerConfig, credential: Credential) -> Credential:
+    def refresh_while_taken_over(server: ServerConfig, credential: Credential, **_: object) -> Credential:
         with store.engine.begin() as conn:  # as if our lease expired and another flight took it
             conn.execute(update(T).values(lease_owner="usurper"))
         return real_refresh(server, credential)
