@@ -14,6 +14,7 @@ may appear in them.
     ├── StoreDisabled               store_disabled 503
     ├── ServiceUnavailable          unavailable 503 (Redis or database down)
     ├── ResolveTimeout              timeout 504
+    ├── ConfigMismatch              config_mismatch 503 (a worker of another servers config)
     ├── UpstreamError               upstream_error 502 (+ status, oauth_error)
     ├── InvalidState                invalid_state 400 (connect state unknown, used or expired)
     ├── ConnectUserMismatch         connect_user_mismatch 403 (the state is burned)
@@ -37,6 +38,7 @@ __all__ = [
     "StoreDisabled",
     "ServiceUnavailable",
     "ResolveTimeout",
+    "ConfigMismatch",
     "UpstreamError",
     "InvalidState",
     "ConnectUserMismatch",
@@ -159,6 +161,16 @@ class ResolveTimeout(BrokerError):
     default_message = "resolve timed out"
 
 
+class ConfigMismatch(BrokerError):
+    """Raised when a flight reached a worker whose servers configuration differs
+    from the caller's: two deployments share one Redis namespace."""
+
+    code = "config_mismatch"
+    http_status = 503
+    default_message = ("the flight reached a worker with another servers configuration: "
+                       "give each deployment its own CREDBROKER_NAMESPACE")
+
+
 class UpstreamError(BrokerError):
     """Raised when an authorization server failed or refused a request.
 
@@ -269,7 +281,7 @@ class NoCredential(CredentialUnavailable):
 _BY_CODE: dict[str, type[BrokerError]] = {}
 for _cls in (
     BrokerError, ConfigError, InvalidRequest, Unauthorized, UnknownServer,
-    PolicyDenied, StoreDisabled, ServiceUnavailable, ResolveTimeout,
+    PolicyDenied, StoreDisabled, ServiceUnavailable, ResolveTimeout, ConfigMismatch,
     UpstreamError, InvalidState, ConnectUserMismatch, NotConnected, SubjectTokenMissing, NoCredential,
 ):
     _BY_CODE[_cls.code] = _cls

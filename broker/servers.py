@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import hashlib
@@ -182,6 +183,18 @@ class ServerRegistry(Mapping[str, ServerConfig]):
 
     def by_key(self, key: str) -> ServerConfig | None:
         return self._by_key.get(key)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short digest of this configuration (no secrets in it), carried by
+        flight tasks so a worker with another configuration refuses them."""
+        digest = hashlib.sha256(b"credbroker-servers-v1")
+        for name in sorted(self._by_name):
+            s = self._by_name[name]
+            ab = s.auth_broker
+            fields = {f.name: getattr(ab, f.name) for f in dataclasses.fields(ab) if f.name != "client_secret"}
+            digest.update(json.dumps([s.name, s.url, fields], sort_keys=True, default=str).encode() + b"\x00")
+        return digest.hexdigest()[:16]
 
 
 def unknown_server_message(name: str, known: list[str]) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from .crypto import Keyring, Sealer, parse_key, parse_master_keys
 from .errors import ConfigError
+from .keyspace import validate_namespace
 from .secret import Secret
 
 __all__ = ["Settings", "PREFIX", "SETTING_NAMES", "read_env_file", "load_settings"]
@@ -55,6 +56,8 @@ class Settings:
     # repr=False: these URLs may carry passwords and Settings gets logged.
     database_url: str = field(default="sqlite:///credbroker.db", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    # Prefix of every Redis key, queue and channel ("" = the historical names).
+    namespace: str = ""
     keyring: Keyring | None = None
     transport_key: bytes | None = field(default=None, repr=False)
     servers_file: Path | None = None
@@ -135,6 +138,7 @@ class Settings:
 SETTING_NAMES: dict[str, str] = {
     "DATABASE_URL": "database_url",
     "REDIS_URL": "redis_url",
+    "NAMESPACE": "namespace",
     "MASTER_KEYS": "keyring",
     "TRANSPORT_KEY": "transport_key",
     "SERVERS_FILE": "servers_file",
@@ -179,7 +183,7 @@ def _url(name: str, value: str, schemes: tuple[str, ...]) -> str:
         raise ConfigError(f"{PREFIX}{name}: not a valid URL") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"{PREFIX}{name}: scheme must be one of {', '.join(schemes)}")
-    if parts.scheme.startswith(("http", "redis")) and not parts.hostname and parts.scheme != "redis+socket":
+    if parts.scheme.startswith(("http", "redis", "sentinel")) and not parts.hostname and parts.scheme != "redis+socket":
         raise ConfigError(f"{PREFIX}{name}: URL has no host")
     return value
 
@@ -241,7 +245,16 @@ def load_settings(
         if name == "DATABASE_URL":
             values[attr] = _database_url(value)
         elif name == "REDIS_URL":
-            values[attr] = _url(name, value, ("redis", "rediss", "unix"))
+            if value.startswith("sentinel://"):  # several ';'-joined addresses: parsed by workers.redisconn
+                if "?" not in value or "master_name=" not in value.split("?", 1)[1]:
+                    raise ConfigError(f"{PREFIX}REDIS_URL: a sentinel URL needs ?master_name=NAME")
+                for part in value.split("?", 1)[0].split(";"):
+                    _url(name, part, ("sentinel",))
+                values[attr] = value
+            else:
+                values[attr] = _url(name, value, ("redis", "rediss", "unix"))
+        elif name == "NAMESPACE":
+            values[attr] = validate_namespace(value)
         elif name == "PUBLIC_URL":
             values[attr] = _url(name, value, ("http", "https")).rstrip("/")
         elif name == "CONNECT_CALLBACK_URL":

@@ -22,6 +22,7 @@ import time
 from typing import Any, Protocol
 
 from .crypto import DecryptError, Sealer
+from .keyspace import key_prefix
 
 __all__ = ["StateStore", "RedisStateStore", "MemoryStateStore", "STATE_PREFIX", "STATE_GROUP_PREFIX", "BIND_SUFFIX",
            "state_key"]
@@ -49,7 +50,7 @@ class StateStore(Protocol):
 
 def state_key(state: str) -> str:
     # The Redis key is a hash of the state, so a key listing never shows a live state.
-    return STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
+    return key_prefix() + STATE_PREFIX + hashlib.sha256(state.encode()).hexdigest()
 
 
 # Atomic put-and-cap: store the state, index it, drop expired index entries,
@@ -100,7 +101,7 @@ class RedisStateStore:
         if group is None or cap is None:
             self.redis.set(key, blob, ex=ttl)
             return
-        self._put_capped(keys=[STATE_GROUP_PREFIX + group, key],
+        self._put_capped(keys=[key_prefix() + STATE_GROUP_PREFIX + group, key],
                          args=[blob, ttl, int(time.time() * 1000), cap, _BIND, _CODE])
 
     def _open(self, raw: bytes | None, key: str) -> dict[str, Any] | None:
@@ -169,11 +170,11 @@ class RedisStateStore:
         return self._open(raw, key), code
 
     def discard_group(self, group: str) -> int:
-        return int(self._discard(keys=[STATE_GROUP_PREFIX + group], args=[_BIND, _CODE]))
+        return int(self._discard(keys=[key_prefix() + STATE_GROUP_PREFIX + group], args=[_BIND, _CODE]))
 
     def live_count(self, group: str) -> int:
         """How many states of the group still exist (for tests and metrics)."""
-        keys = self.redis.zrange(STATE_GROUP_PREFIX + group, 0, -1)
+        keys = self.redis.zrange(key_prefix() + STATE_GROUP_PREFIX + group, 0, -1)
         return int(sum(self.redis.exists(k) for k in keys)) if keys else 0
 
 

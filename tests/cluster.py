@@ -80,6 +80,15 @@ def sandbox_servers(sandbox_url: str, *, client_id: str = "broker-client",
     ]
 
 
+def _admin_redis(url: str) -> redis.Redis:
+    """The test's own client of the cluster's Redis (through Sentinel if so)."""
+    if url.startswith("sentinel://"):
+        from workers.redisconn import redis_client
+
+        return redis_client(load_settings({"CREDBROKER_REDIS_URL": url}, env_file=None))
+    return redis.Redis.from_url(url)
+
+
 def redis_available(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -96,7 +105,7 @@ class Cluster:
         self.workdir = workdir
         self.sandbox_url = sandbox_url
         self.redis_url = redis_url or f"redis://127.0.0.1:6379/{REDIS_DB}"
-        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis = _admin_redis(self.redis_url)
         self.redis.flushdb()
         servers_file = workdir / "servers.yaml"
         servers_file.write_text(yaml.safe_dump({"servers": servers or sandbox_servers(sandbox_url)}))

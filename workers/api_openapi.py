@@ -38,7 +38,8 @@ _COMMON = {
     "401": _error("Missing or wrong service bearer key", "unauthorized"),
     "422": _error("Invalid input; the message names the field", "invalid_request"),
     "500": _error("Internal error, no detail", "internal_error"),
-    "503": _error("Store disabled (no master key) or a backing service is down", "store_disabled", "unavailable"),
+    "503": _error("Store disabled (no master key), a backing service is down, or a flight reached a worker "
+                  "of another servers configuration", "store_disabled", "unavailable", "config_mismatch"),
 }
 _OPEN: list[dict[str, list[str]]] = []  # no security requirement
 
@@ -55,7 +56,7 @@ SCHEMAS: dict[str, Any] = {
                 "invalid_request", "unauthorized", "unknown_server", "policy_denied", "store_disabled",
                 "unavailable", "timeout", "upstream_error", "not_connected", "subject_token_missing",
                 "no_credential", "not_found", "method_not_allowed", "internal_error", "config_error",
-                "invalid_state", "connect_user_mismatch", "connect_failed"]},
+                "config_mismatch", "invalid_state", "connect_user_mismatch", "connect_failed"]},
             "message": {"type": "string", "description": "coarse and secret-free"},
             "connect_url": {"type": ["string", "null"], "description": "not_connected only"},
             "reason": {"type": "string", "enum": ["never_connected", "reconnect_required"],

@@ -21,7 +21,7 @@ import redis
 
 from broker.audit import Action, AuditEvent, SqlAuditLog
 
-from .constants import AUDIT_GROUP, AUDIT_STREAM, AUDIT_STREAM_MAXLEN, CLIENT_FLUSH_SECONDS, USED_ZSET
+from .constants import AUDIT_GROUP, AUDIT_STREAM_MAXLEN, CLIENT_FLUSH_SECONDS, audit_stream, used_zset
 
 __all__ = ["StreamAuditSink", "persist_audit_batch", "pop_used", "restore_used"]
 
@@ -32,8 +32,10 @@ _BUFFER_LIMIT = 100_000  # events kept while Redis is down; beyond that the olde
 class StreamAuditSink:
     """An AuditSink that never blocks the request path."""
 
-    def __init__(self, client: redis.Redis, flush_seconds: float = CLIENT_FLUSH_SECONDS) -> None:
+    def __init__(self, client: redis.Redis, flush_seconds: float = CLIENT_FLUSH_SECONDS,
+                 namespace: str | None = None) -> None:
         self.client = client
+        self.namespace = namespace  # None: this process's
         self.flush_seconds = flush_seconds
         self._events: list[AuditEvent] = []
         self._used: dict[str, float] = {}
@@ -88,10 +90,10 @@ class StreamAuditSink:
         try:
             pipe = self.client.pipeline(transaction=False)
             for e in events:
-                pipe.xadd(AUDIT_STREAM, {"e": json.dumps(e.to_dict())}, maxlen=AUDIT_STREAM_MAXLEN,
+                pipe.xadd(audit_stream(self.namespace), {"e": json.dumps(e.to_dict())}, maxlen=AUDIT_STREAM_MAXLEN,
                           approximate=True)
             if used:
-                pipe.zadd(USED_ZSET, used, gt=True)
+                pipe.zadd(used_zset(self.namespace), used, gt=True)
             pipe.execute()
         except redis.RedisError:
             with self._lock:
@@ -114,7 +116,7 @@ class StreamAuditSink:
 
 def _ensure_group(client: redis.Redis) -> None:
     try:
-        client.xgroup_create(AUDIT_STREAM, AUDIT_GROUP, id="0", mkstream=True)
+        client.xgroup_create(audit_stream(), AUDIT_GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -127,11 +129,11 @@ def persist_audit_batch(client: redis.Redis, sql: SqlAuditLog, consumer: str, co
     """
     _ensure_group(client)
     entries: list[tuple[Any, dict[Any, Any]]] = []
-    claimed = client.xautoclaim(AUDIT_STREAM, AUDIT_GROUP, consumer, min_idle_time=60_000, count=count)
+    claimed = client.xautoclaim(audit_stream(), AUDIT_GROUP, consumer, min_idle_time=60_000, count=count)
     if claimed and len(claimed) > 1:
         entries.extend(claimed[1])
     if len(entries) < count:
-        for _stream, items in client.xreadgroup(AUDIT_GROUP, consumer, {AUDIT_STREAM: ">"},
+        for _stream, items in client.xreadgroup(AUDIT_GROUP, consumer, {audit_stream(): ">"},
                                                 count=count - len(entries)) or []:
             entries.extend(items)
     if not entries:
@@ -154,15 +156,15 @@ def persist_audit_batch(client: redis.Redis, sql: SqlAuditLog, consumer: str, co
     for user_id, pseudonym in (by_user.items() if erased else ()):
         sql.pseudonymise(str(user_id), pseudonym)
     ids = [i for i, _ in entries]
-    client.xack(AUDIT_STREAM, AUDIT_GROUP, *ids)
-    client.xdel(AUDIT_STREAM, *ids)
+    client.xack(audit_stream(), AUDIT_GROUP, *ids)
+    client.xdel(audit_stream(), *ids)
     return len(events)
 
 
 def pop_used(client: redis.Redis, count: int = 10_000) -> list[tuple[str, str, float]]:
     """Take the oldest use marks: (user_id, server_key, unix time)."""
     out = []
-    for member, score in client.zpopmin(USED_ZSET, count):
+    for member, score in client.zpopmin(used_zset(), count):
         try:
             user_id, server_key = json.loads(member)
         except (TypeError, ValueError):
@@ -175,4 +177,4 @@ def restore_used(client: redis.Redis, uses: list[tuple[str, str, float]]) -> Non
     """Put use marks back (a failed database write must not lose them); a newer
     mark made meanwhile wins."""
     if uses:
-        client.zadd(USED_ZSET, {json.dumps([u, k]): t for u, k, t in uses}, gt=True)
+        client.zadd(used_zset(), {json.dumps([u, k]): t for u, k, t in uses}, gt=True)

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
-__all__ = ["FlightResultBackend"]
+__all__ = ["FlightResultBackend", "FlightSentinelBackend"]
 
 
 class FlightResultBackend(RedisBackend):
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+class FlightSentinelBackend(SentinelBackend):
+    """The same, with the master found through Redis Sentinel."""
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None

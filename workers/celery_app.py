@@ -11,9 +11,12 @@ from datetime import timedelta
 
 from celery import Celery
 
+from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
+from .redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentinel_kwargs
 from .tracing import connect_worker_signals
+from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
            "TASK_PRUNE_AUDIT", "QUEUE", "TASK_WARM", "TASK_WARM_USER", "TASK_DELIVER_WEBHOOK"]
@@ -37,9 +40,22 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     """A Celery app for these settings (``main``: the worker's, with tasks)."""
     app = Celery("credbroker", set_as_current=main)
     limit = settings.task_time_limit
+    target = parse_redis_url(settings.redis_url)
+    # Every kombu and result-backend socket has connect, read and keepalive
+    # timeouts: a black-holed Redis must never block a sender forever.
+    tcp = not target.url.startswith(("unix://", "socket://"))  # keepalive is for TCP only
+    sockets = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+               "socket_keepalive": tcp}
+    sentinel = {"master_name": target.master_name,
+                "sentinel_kwargs": sentinel_kwargs(target.sentinel_password)} if target.is_sentinel else {}
+    backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
+    # The namespace prefixes kombu's queues, bindings and fanout channels and the
+    # result keys and channels, as it prefixes ours (``workers.constants``).
+    prefix = key_prefix(settings.namespace)
+    namespaced = {"global_keyprefix": prefix} if prefix else {}
     app.conf.update(
-        broker_url=settings.redis_url,
-        result_backend="workers.backend:FlightResultBackend+" + settings.redis_url,
+        broker_url=target.celery_url,
+        result_backend=f"workers.backend:{backend}+" + target.celery_url,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -49,8 +65,16 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout or int(limit * 2 + 60)},
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout or int(limit * 2 + 60),
+                                  **sockets, **sentinel, **namespaced},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel, **namespaced},
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT,
+        redis_socket_keepalive=tcp,
+        redis_backend_health_check_interval=15,
+        # A failed publish is retried briefly; a caller's deadline bounds it further.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.05,
+                                   "interval_max": 0.05},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
@@ -67,6 +91,10 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
     )
     if main:
         app.conf.imports = ["workers.tasks", "workers.retention", "workers.tasks_events"]
+        set_namespace(settings.namespace)  # the worker's and the beat's process serve this deployment
+    # Connections that obey a caller's deadline (senders: clients, the API) and
+    # survive a Sentinel master's death (workers); see ``workers.transport``.
+    app.conf.broker_transport = SENTINEL_TRANSPORT if target.is_sentinel else TRANSPORT
     return app
 
 

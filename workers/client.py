@@ -20,6 +20,7 @@ import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from broker.clock import Clock, SystemClock
+from broker.keyspace import key_prefix
 from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
@@ -32,7 +33,8 @@ from broker.validation import validate_server_name, validate_user_id
 
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
-from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
+from .constants import cache_key, flight_key, result_key
+from .deadline import DeadlinePassed, grace, within
 from .diagnose import explain_timeout
 from .embedded import session_environment
 from .flight import Claims, ResultWaiter, new_task_id
@@ -47,6 +49,10 @@ log = logging.getLogger(__name__)
 _MAX_FLIGHT_RETRIES = 5
 # Pause before claiming again when a flight was released under our feet.
 _RECLAIM_PAUSE = 0.01
+# How long a client's claim outlives its caller's deadline.
+_CLAIM_MARGIN_MS = 2000
+# The one look at Redis that explains a timeout may overrun the deadline by this.
+_DIAGNOSE_SECONDS = 0.1
 
 
 class BrokerClient:
@@ -98,9 +104,13 @@ class BrokerClient:
         self.redis = connection if connection is not None else redis_client(self.settings)
         self.claims = Claims(self.redis)
         self.celery = make_celery(self.settings)
-        self.waiter = ResultWaiter(self.redis, self._meta)
+        # This client's deployment, which need not be its process's (a test or a
+        # gateway may talk to several): every name it builds says it explicitly.
+        self._ns = self.settings.namespace
+        self._config = self.servers.fingerprint
+        self.waiter = ResultWaiter(self.redis, self._meta, result_key("", self._ns))
         self._owns_audit = audit is None
-        self.audit = audit if audit is not None else StreamAuditSink(self.redis)
+        self.audit = audit if audit is not None else StreamAuditSink(self.redis, namespace=self._ns)
         self._near = timedelta(seconds=self.settings.near_expiry_seconds)
         self._fraction = self.settings.refresh_fraction
 
@@ -116,6 +126,8 @@ class BrokerClient:
         sets both headers and ``Resolved.dpop_proof`` mints more. ``dpop_nonce``:
         the resource server's latest ``DPoP-Nonce``, put in the proof."""
         started = time.perf_counter()
+        # Every Redis call below, the fast path's included, obeys this deadline.
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
         path = "fast"
         try:
             validate_user_id(user_id)
@@ -126,11 +138,11 @@ class BrokerClient:
             srv = self.servers.get_server(server)
             if self.sealer is None:
                 raise StoreDisabled("no transport key: set CREDBROKER_TRANSPORT_KEY or CREDBROKER_MASTER_KEYS")
-            acq = self._from_cache(user_id, srv)
-            if acq is None:
-                path = "flight"
-                deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
-                acq = self._from_flight(user_id, srv, deadline, request_id)
+            with within(deadline):
+                acq = self._from_cache(user_id, srv)
+                if acq is None:
+                    path = "flight"
+                    acq = self._from_flight(user_id, srv, deadline, request_id)
             resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id,
                               method=method, url=url, dpop_nonce=dpop_nonce)
             self.audit.mark_used(user_id, srv.key)
@@ -185,7 +197,7 @@ class BrokerClient:
 
     def _from_cache(self, user_id: str, server: ServerConfig) -> Acquisition | None:
         assert self.sealer is not None
-        key = cache_key(user_id, server.key)
+        key = cache_key(user_id, server.key, self._ns)
         try:
             blob = self.redis.get(key)
         except redis.RedisError:
@@ -223,7 +235,7 @@ class BrokerClient:
         return point is not None and self.clock.now() >= point
 
     def _meta(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(RESULT_CHANNEL_PREFIX + task_id)
+        raw = self.redis.get(result_key(task_id, self._ns))
         if raw is None:
             return None
         try:
@@ -235,8 +247,7 @@ class BrokerClient:
     def _from_flight(self, user_id: str, server: ServerConfig, deadline: float,
                      request_id: str | None) -> Acquisition:
         assert self.sealer is not None
-        key = flight_key(user_id, server.key)
-        claim_ms = int(self.settings.resolve_timeout * 1000) + 5000
+        key = flight_key(user_id, server.key, self._ns)
         failures = 0
 
         def retry(task_id: str) -> None:
@@ -253,9 +264,15 @@ class BrokerClient:
                     raise ResolveTimeout()
                 task_id = new_task_id()
                 joined = False
+                # A claim outlives its caller by a little: a task that has not
+                # started by then (Redis stalled, workers busy) loses the pair to
+                # the next caller instead of leaving joiners waiting on nothing.
+                claim_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + _CLAIM_MARGIN_MS
                 if self.claims.claim(key, task_id, claim_ms):
                     try:
-                        self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id)
+                        # The fingerprint lets a worker of another configuration refuse it.
+                        self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id,
+                                              kwargs={"config": self._config})
                     except BaseException:
                         # No task will ever run under this claim: free the pair at once.
                         self.claims.release(key, task_id)
@@ -303,11 +320,18 @@ class BrokerClient:
                     continue
                 return acq
         except BrokerError as exc:
-            if isinstance(exc, ResolveTimeout):
-                exc = explain_timeout(self.redis, self.celery.conf.task_default_queue)  # no worker? say so
-            record_failure(self.audit, self.clock, user_id, server, exc, request_id)
-            raise exc from None
+            failure: BrokerError = exc
+            explain = isinstance(exc, ResolveTimeout)
+        except DeadlinePassed:
+            # The next Redis call fell after the deadline (typically the last
+            # liveness check of a wait): the caller's time is up, not Redis.
+            failure, explain = ResolveTimeout(), True
         except (redis.RedisError, KombuOperationalError, OSError):
-            exc2 = ServiceUnavailable("Redis unavailable")
-            record_failure(self.audit, self.clock, user_id, server, exc2, request_id)
-            raise exc2 from None
+            # Redis stalled or failed; past the deadline, that is the caller's timeout.
+            failure = ResolveTimeout() if time.monotonic() >= deadline else ServiceUnavailable("Redis unavailable")
+            explain = False
+        if explain:
+            with grace(_DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
+                failure = explain_timeout(self.redis, key_prefix(self._ns) + self.celery.conf.task_default_queue)
+        record_failure(self.audit, self.clock, user_id, server, failure, request_id)
+        raise failure from None

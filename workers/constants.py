@@ -1,13 +1,22 @@
-"""Redis key prefixes and lifetimes, each with the reason for its value."""
+"""Redis key prefixes and lifetimes, each with the reason for its value.
+
+The ``*_PREFIX`` and name constants are the names in the empty namespace; code
+that touches Redis builds names with the functions below, which prepend the
+deployment's namespace (``broker.keyspace``): the process's by default, or the
+``ns`` given (a client serving another deployment).
+"""
 
 from __future__ import annotations
 
 import hashlib
 
+from broker.keyspace import key_prefix
+
 __all__ = [
     "PREFIX", "CACHE_PREFIX", "CACHE_MAX_SECONDS", "FLIGHT_PREFIX", "FLIGHT_HEARTBEAT_MS",
     "TASK_ID_PREFIX", "RESULT_CHANNEL_PREFIX", "AUDIT_STREAM", "AUDIT_GROUP", "AUDIT_STREAM_MAXLEN",
     "PENDING_CONNECT_PREFIX", "USED_ZSET", "BEAT_LOCK", "CLIENT_FLUSH_SECONDS", "pair_id", "cache_key", "flight_key",
+    "result_key", "audit_stream", "used_zset", "beat_lock", "pending_connect_key", "metrics_hash",
 ]
 
 PREFIX = "credbroker:"
@@ -51,9 +60,36 @@ def pair_id(user_id: str, server_key: str) -> str:
     return hashlib.sha256(user_id.encode() + b"\x00" + server_key.encode()).hexdigest()
 
 
-def cache_key(user_id: str, server_key: str) -> str:
-    return CACHE_PREFIX + pair_id(user_id, server_key)
+def cache_key(user_id: str, server_key: str, ns: str | None = None) -> str:
+    return key_prefix(ns) + CACHE_PREFIX + pair_id(user_id, server_key)
 
 
-def flight_key(user_id: str, server_key: str) -> str:
-    return FLIGHT_PREFIX + pair_id(user_id, server_key)
+def flight_key(user_id: str, server_key: str, ns: str | None = None) -> str:
+    return key_prefix(ns) + FLIGHT_PREFIX + pair_id(user_id, server_key)
+
+
+def result_key(task_id: str, ns: str | None = None) -> str:
+    """Celery's result key and pub/sub channel for a task (its backend uses the
+    same prefix, through ``global_keyprefix``)."""
+    return key_prefix(ns) + RESULT_CHANNEL_PREFIX + task_id
+
+
+def audit_stream(ns: str | None = None) -> str:
+    return key_prefix(ns) + AUDIT_STREAM
+
+
+def used_zset(ns: str | None = None) -> str:
+    return key_prefix(ns) + USED_ZSET
+
+
+def beat_lock(ns: str | None = None) -> str:
+    return key_prefix(ns) + BEAT_LOCK
+
+
+def pending_connect_key(user_id: str, server_key: str, ns: str | None = None) -> str:
+    return key_prefix(ns) + PENDING_CONNECT_PREFIX + pair_id(user_id, server_key)
+
+
+def metrics_hash(ns: str | None = None) -> str:
+    """Cluster-wide counters (``workers.metrics``)."""
+    return key_prefix(ns) + "credbroker:metrics"

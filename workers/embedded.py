@@ -152,7 +152,15 @@ def embedded_keys(values: Mapping[str, str], folder: Path) -> dict[str, str]:
 
 
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    if url.startswith("sentinel://"):  # asked through the sentinels, as every process will
+        from broker.settings import Settings
+
+        from .redisconn import redis_client
+
+        client = redis_client(Settings(redis_url=url), max_connections=2, socket_timeout=timeout,
+                              connect_timeout=timeout)
+    else:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
@@ -201,6 +209,8 @@ def _where(url: str) -> str:
 
 
 def _loopback_url(url: str) -> bool:
+    if url.startswith("sentinel://"):
+        return False  # Sentinel is a deployment choice: never replaced by a private Redis
     try:
         host = urlsplit(url).hostname
     except ValueError:

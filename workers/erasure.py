@@ -19,7 +19,7 @@ from broker.audit import Action, Outcome, record_event
 from broker.errors import ServiceUnavailable, StoreDisabled
 from broker.events import forget_user
 
-from .constants import PENDING_CONNECT_PREFIX, USED_ZSET, cache_key, pair_id
+from .constants import cache_key, pending_connect_key, used_zset
 from .credentials import remove_credential
 from .runtime import Runtime
 
@@ -63,10 +63,11 @@ def erase_user(rt: Runtime, user_id: str, request_id: str | None = None) -> int:
     rt.audit.discard_used(user_id)  # this process's buffered marks; the zrem below takes the flushed ones
     try:
         rt.connect.discard_pending(user_id)
+        rt.audit.flush()  # use marks still buffered here must not land after the ZREM below
         pipe = rt.redis.pipeline(transaction=False)
         for key in keys:
-            pipe.delete(cache_key(user_id, key), PENDING_CONNECT_PREFIX + pair_id(user_id, key))
-            pipe.zrem(USED_ZSET, json.dumps([user_id, key]))
+            pipe.delete(cache_key(user_id, key), pending_connect_key(user_id, key))
+            pipe.zrem(used_zset(), json.dumps([user_id, key]))
         pipe.execute()
     except redis.RedisError:
         raise ServiceUnavailable("Redis unavailable: the user's pending links were not cleared; retry") from None

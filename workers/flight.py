@@ -176,9 +176,12 @@ class ResultWaiter:
     never missed.
     """
 
-    def __init__(self, client: redis.Redis, get_meta: Callable[[str], dict[str, Any] | None]) -> None:
+    def __init__(self, client: redis.Redis, get_meta: Callable[[str], dict[str, Any] | None],
+                 channel_prefix: str = RESULT_CHANNEL_PREFIX) -> None:
         self.client = client
         self.get_meta = get_meta
+        # The result channels' prefix: Celery's, behind the deployment's namespace.
+        self.channel_prefix = channel_prefix
         self._lock = threading.Lock()
         self._waiters: dict[str, list[threading.Event]] = {}
         self._thread: threading.Thread | None = None
@@ -191,8 +194,8 @@ class ResultWaiter:
                 self._thread.start()
 
     def _listen(self) -> None:
-        pattern = RESULT_CHANNEL_PREFIX + TASK_ID_PREFIX + "*"
-        skip = len(RESULT_CHANNEL_PREFIX)
+        pattern = self.channel_prefix + TASK_ID_PREFIX + "*"
+        skip = len(self.channel_prefix)
         delay = 0.05
         while not self._stopped.is_set():
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)

@@ -31,6 +31,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .constants import metrics_hash
+
 __all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS", "CLUSTER_HASH", "ClusterCollector", "cluster_incr",
            "cluster_set", "render_cluster"]
 
@@ -125,7 +127,7 @@ METRICS.describe("credbroker_flights_started_total", "counter", "Flights started
 # counted in one Redis hash so any API process can serve them on /metrics. A
 # field is one sample in the text format, ``name{label="value"}``.
 
-CLUSTER_HASH = "credbroker:metrics"
+CLUSTER_HASH = "credbroker:metrics"  # in the empty namespace; see ``metrics_hash``
 _CLUSTER_HELP = {
     "credbroker_provider_calls_total": ("counter", "Authorization-server calls by grant and result, cluster-wide"),
     "credbroker_refreshes_total": ("counter", "Credential renewals by trigger (resolve or proactive) and outcome"),
@@ -148,14 +150,14 @@ def _field(name: str, labels: dict[str, str]) -> str:
 def cluster_incr(client: object, name: str, amount: int = 1, **labels: str) -> None:
     """Count an event cluster-wide; a Redis outage only loses the count."""
     try:
-        client.hincrby(CLUSTER_HASH, _field(name, labels), amount)  # type: ignore[attr-defined]
+        client.hincrby(metrics_hash(), _field(name, labels), amount)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         pass
 
 
 def cluster_set(client: object, name: str, value: float, **labels: str) -> None:
     try:
-        client.hset(CLUSTER_HASH, _field(name, labels), value)  # type: ignore[attr-defined]
+        client.hset(metrics_hash(), _field(name, labels), value)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
         pass
 
@@ -167,7 +169,7 @@ class ClusterCollector(Collector):
         self.client = client
 
     def collect(self) -> Iterator[Metric]:
-        raw = self.client.hgetall(CLUSTER_HASH)
+        raw = self.client.hgetall(metrics_hash())
         lines = []
         for field, value in raw.items():
             field = field.decode() if isinstance(field, bytes) else str(field)

@@ -20,6 +20,7 @@ from broker.clock import Clock, SystemClock
 from broker.connect import ConnectFlow
 from broker.crypto import DecryptError, Sealer
 from broker.db import make_engine
+from broker.keyspace import set_namespace
 from broker.lease import lease_seconds
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
@@ -35,9 +36,10 @@ from broker.registrations import RegistrationStore
 from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
-from .constants import PENDING_CONNECT_PREFIX, pair_id
+from .constants import pending_connect_key
 from .flight import Claims
 from .metrics import cluster_incr
+from .redisconn import redis_client as _redis_client
 
 __all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
 
@@ -74,18 +76,18 @@ class Runtime:
 
 # redis-py 8 caps a default pool at 100 connections and then fails at once with
 # "Too many connections"; a gateway or the API runs more concurrent resolves than
-# that, so callers queue for a connection (up to 10 s) instead of getting a 503.
+# that, so callers queue for a connection (up to 10 s, or their deadline) instead
+# of getting a 503.
 REDIS_POOL_MAX = 1024
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_POOL_MAX, timeout=10, socket_timeout=10,
-        socket_connect_timeout=5, health_check_interval=30, retry_on_timeout=True)
-    return redis.Redis.from_pool(pool)
+    """The process's pooled client (plain or Sentinel, see ``workers.redisconn``)."""
+    return _redis_client(settings, max_connections=REDIS_POOL_MAX)
 
 
 def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
+    set_namespace(settings.namespace)  # this process serves one deployment
     clock = clock or SystemClock()
     servers = servers_from_settings(settings)
     client = redis_client(settings)
@@ -122,7 +124,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     resolver.on_rotation_lost = lambda server: cluster_incr(client, "credbroker_rotation_lost_total", server=server)
     # Flight heartbeats get their own connection with a short timeout, so one
     # stalled extension is noticed well before the claim could expire.
-    heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    heartbeat = _redis_client(settings, max_connections=64, socket_timeout=1, connect_timeout=1)
     return Runtime(settings, servers, client, sealer, internal, Claims(client), audit, store, oauth, resolver, connect,
                    policy, clock, http, Claims(heartbeat))
 
@@ -144,7 +146,7 @@ def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: Con
 
     def url_for(user_id: str, server_name: str) -> str | None:
         assert sealer is not None
-        key = PENDING_CONNECT_PREFIX + pair_id(user_id, connect.servers.get_server(server_name).key)
+        key = pending_connect_key(user_id, connect.servers.get_server(server_name).key)
         try:
             blob = client.get(key)
             if blob is not None:

@@ -15,13 +15,13 @@ from celery.exceptions import Ignore
 from celery.signals import task_postrun, worker_process_init
 
 from broker.audit import Action, SqlAuditLog
-from broker.errors import BrokerError, NoCredential, StoreDisabled
+from broker.errors import BrokerError, ConfigMismatch, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used, restore_used
 from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
-from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, cache_key, flight_key
+from .constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
 from .outcomes import raise_if_failed
@@ -114,7 +114,8 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
 _executions: dict[str, str] = {}
 
 
-def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[str, Any]:
+def _run_flight(task_id: str, user_id: str, server: str, trigger: str,
+                config: str | None = None) -> dict[str, Any]:
     try:
         rt = runtime()
     except BrokerError as exc:
@@ -122,6 +123,12 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[s
     except Exception as exc:  # noqa: BLE001 - e.g. a policy module failing to import: no message in Redis
         log.error("worker runtime could not be built: %s", type(exc).__name__)
         return {"error": BrokerError().to_dict(), "trigger": trigger}
+    if config is not None and config != rt.servers.fingerprint:
+        # Sent by a deployment with other servers sharing our Redis namespace:
+        # answering from our configuration would be wrong (or "unknown server").
+        log.warning("flight refused: servers configuration %s is not this worker's %s",
+                    config, rt.servers.fingerprint)
+        return {"error": ConfigMismatch().to_dict(), "trigger": trigger}
     result = execute_flight(rt, task_id, user_id, server, trigger)
     if result.get("superseded"):
         # Store nothing: a redelivered copy must not overwrite (or pre-empt) the
@@ -132,15 +139,16 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[s
 
 
 @app.task(name=TASK_RESOLVE, bind=True)
-def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
-    """Acquire or renew the credential for (user, server) as the pair's one flight."""
-    return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve"))
+def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
+    """Acquire or renew the credential for (user, server) as the pair's one flight;
+    ``config`` is the sender's servers fingerprint."""
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve", config))
 
 
 @app.task(name=TASK_REFRESH, bind=True)
-def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
+def refresh(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
-    return raise_if_failed(_run_flight(self.request.id, user_id, server, "refresh"))
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "refresh", config))
 
 
 @app.task(name=TASK_REFRESH_DUE)
@@ -149,7 +157,7 @@ def refresh_due() -> dict[str, Any]:
     through a flight, with jitter. One scan per interval cluster-wide."""
     rt = runtime()
     s = rt.settings
-    if not rt.redis.set(BEAT_LOCK, os.getpid(), nx=True, px=max(500, int(s.refresh_scan_seconds * 900))):
+    if not rt.redis.set(beat_lock(), os.getpid(), nx=True, px=max(500, int(s.refresh_scan_seconds * 900))):
         return {"skipped": "another scan holds the lock"}
     if not rt.store.enabled:
         return {"skipped": "store disabled"}
@@ -175,7 +183,8 @@ def refresh_due() -> dict[str, Any]:
         key = flight_key(user_id, server_key)
         if rt.claims.claim(key, task_id, ttl_ms):
             try:
-                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay)
+                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay,
+                              kwargs={"config": rt.servers.fingerprint})
             except Exception as exc:  # noqa: BLE001 - one failed send must not strand the pair or the scan
                 rt.claims.release(key, task_id)
                 log.warning("refresh_due: could not send a refresh flight: %s", type(exc).__name__)

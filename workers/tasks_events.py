@@ -22,6 +22,7 @@ from celery.signals import worker_ready, worker_shutdown
 from broker.audit import SqlAuditLog
 from broker.errors import BrokerError
 from broker.events import Event, EventLog, announce_expired
+from broker.keyspace import key_prefix
 
 from .auditstream import persist_audit_batch
 from .celery_app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
@@ -190,7 +191,7 @@ class Housekeeper:
         for _ in range(20):
             if persist_audit_batch(rt.redis, sql, consumer) < 1000:
                 break
-        if not rt.redis.set(HOUSEKEEPING_LOCK, consumer, nx=True, px=int(self.tick * 900)):
+        if not rt.redis.set(key_prefix() + HOUSEKEEPING_LOCK, consumer, nx=True, px=int(self.tick * 900)):
             return  # another worker does this tick's event work
         announce_expired(rt.store.engine, rt.clock.now())
         while dispatch_events(rt) == 500:

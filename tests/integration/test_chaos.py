@@ -9,6 +9,9 @@ user must still resolve at the end.
 
 CI runs 40 users for 25 s; the full run:
 ``CREDBROKER_CHAOS_USERS=200 CREDBROKER_CHAOS_SECONDS=120 python -m pytest -s tests/integration/test_chaos.py``.
+With ``CREDBROKER_CHAOS_SENTINEL=1`` Redis is a master, a replica and three
+sentinels, and each Redis outage is a Sentinel failover instead (alternating
+``SENTINEL FAILOVER`` and a killed master).
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ from broker.models import CredentialStatus
 from broker.servers import server_key
 from tests.cluster import Cluster, wait_for
 from tests.faults import PrivateRedis
+from tests.sentinel import SentinelSet
 from tests.integration.test_cluster import store_of
 from workers.constants import FLIGHT_PREFIX
 from workers.metrics import CLUSTER_HASH
 
 USERS = int(os.environ.get("CREDBROKER_CHAOS_USERS", "40"))
 SECONDS = float(os.environ.get("CREDBROKER_CHAOS_SECONDS", "25"))
+SENTINEL = os.environ.get("CREDBROKER_CHAOS_SENTINEL") == "1"
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(int(180 + SECONDS * 2 + USERS))]
 GH_KEY = server_key("gh", "https://gh.upstream.test/mcp")
 # Lease = (0.5 s connect + 2 s read) x 1 attempt + 0 retry budget + 3 s margin = 5.5 s:
@@ -100,7 +105,7 @@ def _signal_group(proc: Any, sig: int) -> None:
 
 def test_chaos_presents_no_refresh_token_twice_unless_a_kill_lost_it(tmp_path: Path, sandbox: Any) -> None:
     sandbox.provider.configure(access_token_ttl=4, rotate_refresh_tokens=True, refresh_reuse_grace=0)
-    private = PrivateRedis(tmp_path)
+    private: Any = SentinelSet(tmp_path) if SENTINEL else PrivateRedis(tmp_path)
     private.start()
     c = Cluster(tmp_path, sandbox.url, redis_url=private.url, extra_env=ENV)
     rng = random.Random(11)
@@ -158,9 +163,12 @@ def test_chaos_presents_no_refresh_token_twice_unless_a_kill_lost_it(tmp_path: P
                 if keys:
                     c.redis.delete(*keys)
             else:
-                metric_lost += _rotation_lost_metric(c)  # the restart wipes the metrics hash
-                private.kill()
-                private.start()
+                if SENTINEL:
+                    private.disrupt()  # the replica keeps the metrics hash: nothing to carry over
+                else:
+                    metric_lost += _rotation_lost_metric(c)  # the restart wipes the metrics hash
+                    private.kill()
+                    private.start()
         stop_load.set()
         for t in loaders:
             t.join(15)
