@@ -13,6 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY broker ./broker
 COPY workers ./workers
+COPY sandbox ./sandbox
 RUN pip install . && rm -rf /app/build
 
 # An unprivileged user; beat keeps its schedule in the state folder.

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.constants import AUDIT_STREAM, USED_ZSET
+from workers.common.constants import AUDIT_STREAM, USED_ZSET
 
 from .burst import run_burst
 from .dpop import run_dpop_fast_path
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         timer.row("row 2: HTTP API")
         api_hwm = None
-        if importlib.util.find_spec("workers.api") is None:
-            report.add("2", "HTTP resolve", "not run: workers/api.py is missing", "", "", False)
+        if importlib.util.find_spec("workers.api.app") is None:
+            report.add("2", "HTTP resolve", "not run: workers/api/app.py is missing", "", "", False)
         else:
             api_url = cluster.start_api()
             api_start = vm_hwm_kib(cluster.procs["api"].pid)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if api_hwm is not None:
             report.add("7", "peak RSS, API process", _mib(api_hwm[1]), f"at start-up: {_mib(api_hwm[0])}")
         else:
-            report.add("7", "peak RSS, API process", "not run: workers/api.py is missing")
+            report.add("7", "peak RSS, API process", "not run: workers/api/app.py is missing")
     finally:
         if client is not None:
             client.close()

@@ -16,7 +16,7 @@ import time
 
 from broker.settings import load_settings
 from workers.client import BrokerClient
-from workers.metrics import METRICS
+from workers.common.metrics import METRICS
 
 
 def burst(client: BrokerClient, cmd: dict[str, object]) -> dict[str, object]:

@@ -13,8 +13,8 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-import workers.tasks  # noqa: F401 - registers the broker tasks on the app
-from workers.celery_app import app
+import workers.celery.tasks  # noqa: F401 - registers the broker tasks on the app
+from workers.celery.app import app
 
 __all__ = ["app", "noop", "NOOP"]
 

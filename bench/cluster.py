@@ -113,12 +113,12 @@ def _answers(url: str) -> bool:
 
 
 class Sandbox:
-    """``python -m broker.sandbox`` as its own process, driven over ``/_admin``."""
+    """``python -m sandbox`` as its own process, driven over ``/_admin``."""
 
     def __init__(self, workdir: Path, latency_ms: int = 0) -> None:
         self.log = open(workdir / "sandbox.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.sandbox", "--port", "0", "--latency-ms", str(latency_ms),
+            [sys.executable, "-m", "sandbox", "--port", "0", "--latency-ms", str(latency_ms),
              "--client", f"broker-client:{CLIENT_SECRET}"],
             stdout=subprocess.PIPE, stderr=self.log, env=_child_env({}), cwd=str(REPO), start_new_session=True)
         assert self.proc.stdout is not None
@@ -254,9 +254,9 @@ class BenchCluster:
             _stop(proc)
 
     def start_api(self) -> str:
-        """The HTTP API (``workers.api.serve_api``) in its own process; returns its base URL."""
+        """The HTTP API (``workers.api.app.serve_api``) in its own process; returns its base URL."""
         port = free_port()
-        code = ("import sys; from broker.settings import load_settings; from workers.api import serve_api; "
+        code = ("import sys; from broker.settings import load_settings; from workers.api.app import serve_api; "
                 "serve_api(load_settings(env_file=None), '127.0.0.1', int(sys.argv[1]))")
         proc = self.spawn("api", ["-c", code, str(port)])
         url = f"http://127.0.0.1:{port}"

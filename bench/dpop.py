@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from broker.dpop import DPoPKey, dpop_proof
-from workers.metrics import METRICS
+from workers.common.metrics import METRICS
 
 from .report import Report, ms
 from .stats import LoopResult, median_result, run_loop

@@ -1,7 +1,7 @@
 """Row 1: the fast path through BrokerClient beside a raw redis-py GET.
 
 The GET reads a random value exactly as long as the sealed cache entry,
-through a client built by the same ``workers.runtime.redis_client`` the
+through a client built by the same ``workers.common.runtime.redis_client`` the
 BrokerClient uses, so the difference is the broker's own work: validation,
 AES-GCM open, envelope parsing, policy, buffered audit, use marks, metrics.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from workers.constants import cache_key
-from workers.metrics import METRICS
-from workers.runtime import redis_client
+from workers.common.constants import cache_key
+from workers.common.metrics import METRICS
+from workers.common.runtime import redis_client
 
 from .cpu import CpuMeter
 from .report import Report, ms, rate
@@ -71,6 +71,6 @@ def run_fast_path(cluster: Any, client: Any, report: Report, reps: int, seconds:
                 "run; Redis): " + "; ".join(f"{k}: driver {1000 * v['driver']:.0f}, Redis {1000 * v.get('redis', 0):.0f}"
                                             for k, v in cpu.items()))
     report.note(f"Row 1: sealed cache entry {size} bytes; raw GET of {size} random bytes through "
-                f"workers.runtime.redis_client; {reps} interleaved repetitions of {seconds:g} s per figure; "
+                f"workers.common.runtime.redis_client; {reps} interleaved repetitions of {seconds:g} s per figure; "
                 "the client's audit flush thread runs during the resolve loops, as in production.")
     return out

@@ -50,5 +50,5 @@ def run_http(cluster: Any, api_url: str, report: Report, users: list[str], *, re
     finally:
         for c in clients:
             c.close()
-    report.note(f"Row 2: the API in its own process (workers.api.serve_api); {reps} interleaved repetitions "
+    report.note(f"Row 2: the API in its own process (workers.api.app.serve_api); {reps} interleaved repetitions "
                 f"of {seconds:g} s per figure; each client thread has its own httpx.Client.")

@@ -11,8 +11,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from workers.flight import new_task_id
-from workers.metrics import METRICS
+from workers.common.flight import new_task_id
+from workers.common.metrics import METRICS
 
 from .celery_bench import NOOP
 from .cpu import CpuMeter

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from broker.db import credentials as T
-from workers.metrics import METRICS
+from workers.common.metrics import METRICS
 
 from .report import Report, pct
 from .stats import median, run_batch

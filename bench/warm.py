@@ -69,8 +69,8 @@ def _seed(cluster: BenchCluster, users: list[str]) -> None:
 
 
 def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, window: int) -> dict[str, Any]:
-    from workers.cli_events import BulkWarm
-    from workers.runtime import build_runtime
+    from workers.cli.events import BulkWarm
+    from workers.common.runtime import build_runtime
 
     workdir = Path(tempfile.mkdtemp(prefix="credbroker-bench-warm-"))
     db = f"credbroker_bench_warm_{uuid.uuid4().hex[:8]}"

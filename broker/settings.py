@@ -245,7 +245,7 @@ def load_settings(
         if name == "DATABASE_URL":
             values[attr] = _database_url(value)
         elif name == "REDIS_URL":
-            if value.startswith("sentinel://"):  # several ';'-joined addresses: parsed by workers.redisconn
+            if value.startswith("sentinel://"):  # several ';'-joined addresses: parsed by workers.common.redisconn
                 if "?" not in value or "master_name=" not in value.split("?", 1)[1]:
                     raise ConfigError(f"{PREFIX}REDIS_URL: a sentinel URL needs ?master_name=NAME")
                 for part in value.split("?", 1)[0].split(";"):

@@ -1,4 +1,4 @@
-"""``python -m broker.sandbox``: the sandbox provider as its own process.
+"""``python -m sandbox``: the sandbox provider as its own process.
 
 For the benchmark, the demo and Celery workers in other processes; prints
 the base URL as one line on stdout once it answers.
@@ -47,7 +47,7 @@ def _client_jwk(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m broker.sandbox", description="Sandbox OAuth authorization server.")
+    parser = argparse.ArgumentParser(prog="python -m sandbox", description="Sandbox OAuth authorization server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8900, help="0 picks a free port")
     parser.add_argument("--access-token-ttl", type=int, default=3600, metavar="N")

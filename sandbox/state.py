@@ -34,7 +34,7 @@ _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
 
 class SandboxProvider:
-    """A fake authorization server's state; see ``broker.sandbox`` for the HTTP side."""
+    """A fake authorization server's state; see ``sandbox`` for the HTTP side."""
 
     def __init__(
         self,

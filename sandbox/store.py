@@ -1,6 +1,6 @@
 """In-memory records of codes, refresh-token families and revoked tokens.
 
-Not thread-safe by itself: :class:`~broker.sandbox.state.SandboxProvider`
+Not thread-safe by itself: :class:`~sandbox.state.SandboxProvider`
 holds its lock around every use, so a grant's check-then-mark is atomic.
 """
 

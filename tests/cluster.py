@@ -83,7 +83,7 @@ def sandbox_servers(sandbox_url: str, *, client_id: str = "broker-client",
 def _admin_redis(url: str) -> redis.Redis:
     """The test's own client of the cluster's Redis (through Sentinel if so)."""
     if url.startswith("sentinel://"):
-        from workers.redisconn import redis_client
+        from workers.common.redisconn import redis_client
 
         return redis_client(load_settings({"CREDBROKER_REDIS_URL": url}, env_file=None))
     return redis.Redis.from_url(url)
@@ -144,7 +144,7 @@ class Cluster:
         return proc
 
     def start_worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork") -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, ["-m", "celery", "-A", "workers.celery_app", "worker", "-c", str(concurrency),
+        proc = self._spawn(name, ["-m", "celery", "-A", "workers.celery.app", "worker", "-c", str(concurrency),
                                   "-P", pool, "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
                                   "--without-mingle", "-Q", "credbroker", "--loglevel=INFO"])
         wait_for(lambda: b" ready." in self.logs[name].read_bytes() or proc.poll() is not None, 60,
@@ -154,7 +154,7 @@ class Cluster:
 
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         schedule = self.workdir / f"{name}-schedule"
-        proc = self._spawn(name, ["-m", "celery", "-A", "workers.celery_app", "beat", "-s", str(schedule),
+        proc = self._spawn(name, ["-m", "celery", "-A", "workers.celery.app", "beat", "-s", str(schedule),
                                   "--loglevel=INFO"])
         wait_for(lambda: b"beat: Starting" in self.logs[name].read_bytes() or proc.poll() is not None, 30,
                  what="beat to start")

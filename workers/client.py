@@ -31,17 +31,17 @@ from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
-from .auditstream import StreamAuditSink
-from .celery_app import TASK_RESOLVE, make_celery
-from .constants import cache_key, flight_key, result_key
-from .deadline import DeadlinePassed, grace, within
-from .diagnose import explain_timeout
-from .embedded import session_environment
-from .flight import Claims, ResultWaiter, new_task_id
-from .metrics import METRICS
-from .outcomes import flight_result
-from .runtime import redis_client
-from .wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
+from .celery.app import TASK_RESOLVE, make_celery
+from .common.auditstream import StreamAuditSink
+from .common.constants import cache_key, flight_key, result_key
+from .common.deadline import DeadlinePassed, grace, within
+from .common.diagnose import explain_timeout
+from .common.embedded import session_environment
+from .common.flight import Claims, ResultWaiter, new_task_id
+from .common.metrics import METRICS
+from .common.outcomes import flight_result
+from .common.runtime import redis_client
+from .common.wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
 
 __all__ = ["BrokerClient", "Resolved"]
 
@@ -158,7 +158,7 @@ class BrokerClient:
         and return the servers queued; returns once the flights are started, not
         finished. Skipped servers (never connected, no subject token, policy)
         are left out; ``POST /v1/warm`` also says why."""
-        from .celery_app import TASK_WARM_USER
+        from .celery.app import TASK_WARM_USER
 
         validate_user_id(user_id)
         if servers is not None:

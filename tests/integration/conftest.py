@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.sandbox import SandboxProvider, run_sandbox
+from sandbox import SandboxProvider, run_sandbox
 from tests.cluster import Cluster, redis_available
 from tests.conftest import REDIS_TEST_URL, missing_service
 

@@ -12,7 +12,7 @@ import pytest
 from broker.clock import FakeClock
 from broker.db import make_engine
 from broker.migrate import upgrade
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox import SandboxHandle, SandboxProvider, run_sandbox
 from broker.store import CredentialStore
 from tests.conftest import make_keyring
 from tests.secrets import canary, register

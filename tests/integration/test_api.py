@@ -27,8 +27,8 @@ from starlette.applications import Starlette
 from broker.audit import SqlAuditLog
 from broker.db import make_engine
 from broker.models import Credential, CredentialStatus, ObtainedVia
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
-from broker.sandbox.server import bind_socket, url_for
+from sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox.server import bind_socket, url_for
 from broker.secret import Secret
 from broker.servers import servers_from_settings
 from broker.settings import Settings, load_settings
@@ -37,8 +37,8 @@ from tests.cluster import Cluster, redis_available, wait_for
 from tests.conftest import missing_service
 from tests.integration.connect_browser import ConnectBrowser, form_of
 from tests.secrets import assert_no_leak, register
-from workers.api import create_app
-from workers.auditstream import persist_audit_batch
+from workers.api.app import create_app
+from workers.common.auditstream import persist_audit_batch
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The HTTP API against its own OpenAPI document, with schemathesis.
 
-The document is the app's own (``workers.api_openapi``; a test checks that
+The document is the app's own (``workers.api.openapi``; a test checks that
 ``GET /openapi.json`` on the running API serves exactly it). Every operation in
 it is driven by schemathesis (its coverage, unsupported-method and fuzzing
 phases, valid and invalid data, derandomized) against uvicorn on loopback in
@@ -46,15 +46,15 @@ from schemathesis.specs.openapi.checks import (
 
 from broker.audit import SqlAuditLog
 from broker.db import make_engine
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
-from broker.sandbox.server import bind_socket, url_for
+from sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox.server import bind_socket, url_for
 from tests.cluster import Cluster, redis_available
 from tests.conftest import missing_service
 from tests.integration.test_api import POLICY, Served
 from tests.secrets import find_leaks, register
-from workers.api import create_app
-from workers.api_openapi import OPENAPI
-from workers.auditstream import persist_audit_batch
+from workers.api.app import create_app
+from workers.api.openapi import OPENAPI
+from workers.common.auditstream import persist_audit_batch
 
 pytestmark = pytest.mark.integration
 

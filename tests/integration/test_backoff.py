@@ -31,7 +31,7 @@ from broker.clock import utcnow
 from broker.db import credentials as T
 from broker.db import make_engine
 from broker.models import CredentialStatus
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox import SandboxHandle, SandboxProvider, run_sandbox
 from broker.servers import server_key
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, store_of
@@ -212,8 +212,8 @@ def test_a_failed_proactive_refresh_keeps_the_good_cache_entry(tmp_path: Path, p
                                                                pg_url: str) -> None:
     """The beat's refresh fails; callers stay on the fast path with the cached
     credential instead of being sent to the failing provider."""
-    from workers.constants import cache_key
-    from workers.metrics import METRICS
+    from workers.common.constants import cache_key
+    from workers.common.metrics import METRICS
 
     register(SECRET)
     handle = providers["healthy"]

@@ -24,7 +24,7 @@ from broker.store import CredentialStore
 from tests.cluster import Cluster, read_all_redis, wait_for
 from tests.integration.test_cluster import connect, sign_in, store_of
 from tests.secrets import all_canaries, find_leaks, register
-from workers.metrics import METRICS
+from workers.common.metrics import METRICS
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
         connect(c, "rita")
         c.start_beat("beat1")
         c.start_beat("beat2")  # by mistake: must not double the refreshes
-        c._spawn("flower", ["-m", "celery", "-A", "workers.celery_app", "flower", f"--port={flower_port}",
+        c._spawn("flower", ["-m", "celery", "-A", "workers.celery.app", "flower", f"--port={flower_port}",
                             "--address=127.0.0.1", "--basic-auth=ops:flower-pass-123"])
         seen: dict[str, set[str]] = {u: set() for u in users + ["rita"]}
         errors: list[str] = []

@@ -40,8 +40,8 @@ from tests.cluster import Cluster, wait_for
 from tests.faults import PrivateRedis
 from tests.sentinel import SentinelSet
 from tests.integration.test_cluster import store_of
-from workers.constants import FLIGHT_PREFIX
-from workers.metrics import CLUSTER_HASH
+from workers.common.constants import FLIGHT_PREFIX
+from workers.common.metrics import CLUSTER_HASH
 
 USERS = int(os.environ.get("CREDBROKER_CHAOS_USERS", "40"))
 SECONDS = float(os.environ.get("CREDBROKER_CHAOS_SECONDS", "25"))
@@ -60,7 +60,7 @@ ENV = {
 
 
 def connect_all(c: Cluster, users: list[str]) -> None:
-    from workers.runtime import build_runtime
+    from workers.common.runtime import build_runtime
 
     rt = build_runtime(c.settings)
     try:

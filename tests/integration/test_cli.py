@@ -49,7 +49,7 @@ def cli_env(**settings: str) -> dict[str, str]:
 
 
 def credbroker(*args: str, env: dict[str, str], cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=env, cwd=str(cwd), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "workers.cli.main", *args], env=env, cwd=str(cwd), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -247,7 +247,7 @@ def test_audit_follow_prints_new_events(tmp_path: Path) -> None:
     upgrade(engine)
     log = SqlAuditLog(engine)
     log.record([AuditEvent(Action.ACQUIRE, Outcome.SUCCESS, user_id="alice", server="tx", method="token_exchange")])
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "audit", "--follow", "--json", "--interval", "0.1"],
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli.main", "audit", "--follow", "--json", "--interval", "0.1"],
                             env=cli_env(DATABASE_URL=url), cwd=str(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -279,7 +279,7 @@ def test_flower_requires_basic_auth(redis_url: str, tmp_path: Path) -> None:
     password = canary("flower")
     port = free_port()
     out = open(tmp_path / "flower.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli.main", "flower", "--port", str(port)],
                             env=cli_env(REDIS_URL=redis_url, FLOWER_BASIC_AUTH=f"ops:{password}"), cwd=str(tmp_path),
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -366,7 +366,7 @@ class Up:
         self.url = f"http://127.0.0.1:{self.port}"
         env = cli_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
         self.log = open(workdir / "up.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "up", "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.cli.main", "up", "--port", str(self.port), *args],
                                      env=env, cwd=str(workdir), stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -432,8 +432,8 @@ def test_up_with_no_settings_comes_up_and_ctrl_c_stops_the_tree(up_factory: Any,
     up = up_factory()
     tree = up.wait_ready()
     names = " ".join(line for _, line in tree.values())
-    for part in ("workers.cli api", "celery -A workers.celery_app --quiet worker",
-                 "celery -A workers.celery_app --quiet beat", "redis-server"):
+    for part in ("workers.cli.main api", "celery -A workers.celery.app --quiet worker",
+                 "celery -A workers.celery.app --quiet beat", "redis-server"):
         assert part in names
     state = tmp_path / ".credbroker"
     assert oct(state.stat().st_mode & 0o777) == "0o700"
@@ -451,7 +451,7 @@ def test_up_with_no_settings_comes_up_and_ctrl_c_stops_the_tree(up_factory: Any,
 def test_up_stops_everything_when_a_child_dies(up_factory: Any) -> None:
     up = up_factory()
     tree = up.wait_ready()
-    api = next(pid for pid, (_, line) in tree.items() if "workers.cli api" in line)
+    api = next(pid for pid, (_, line) in tree.items() if "workers.cli.main api" in line)
     os.kill(api, signal.SIGKILL)
     assert up.proc.wait(timeout=60) == 1
     assert_tree_gone(tree)
@@ -518,6 +518,6 @@ def test_up_demo_resolves_and_connects(up_factory: Any) -> None:
 
     assert up.stop(signal.SIGINT) == 0
     assert_tree_gone(tree)
-    assert any("broker.sandbox" in line for _, line in tree.values())
+    assert any("sandbox" in line for _, line in tree.values())
     assert not (up.workdir / ".credbroker" / "session.env").exists()
     assert_no_leak(up.text(), "credbroker up output")

@@ -46,7 +46,7 @@ def sign_in(cluster: Cluster, sandbox: Any, user: str, ttl: int = 3600) -> str:
 
 def connect(cluster: Cluster, user: str, server: str = "gh") -> None:
     """Run the connect flow for a user as a browser would."""
-    from workers.runtime import build_runtime
+    from workers.common.runtime import build_runtime
 
     rt = build_runtime(cluster.settings)
     try:
@@ -59,7 +59,7 @@ def connect(cluster: Cluster, user: str, server: str = "gh") -> None:
 def _complete(cluster: Cluster, url: str, user: str) -> None:
     """Browser mode, the steps of the broker's routes: open the link (the cookie),
     consent, the callback with the cookie, the confirming click."""
-    from workers.runtime import build_runtime
+    from workers.common.runtime import build_runtime
 
     rt = build_runtime(cluster.settings)
     try:
@@ -119,8 +119,8 @@ def test_every_mode_end_to_end_and_isolation(cluster: Cluster, sandbox: Any) -> 
         # bob follows the link the error carried; once used, the next error carries a new one
         _complete(cluster, bob_nc.value.connect_url or "", "bob")
         assert client.resolve("bob", "gh", timeout=20).obtained_via == "connect_flow"
-        from workers.credentials import remove_credential
-        from workers.runtime import build_runtime
+        from workers.actions.credentials import remove_credential
+        from workers.common.runtime import build_runtime
 
         rt = build_runtime(cluster.settings)
         try:

@@ -36,7 +36,7 @@ from broker.oauth import (
     make_http_client,
 )
 from broker.resolver import Resolver
-from broker.sandbox import SandboxHandle, s256
+from sandbox import SandboxHandle, s256
 from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings
 from broker.state import STATE_PREFIX, RedisStateStore

@@ -119,7 +119,7 @@ def test_resolve_deadline_holds_when_redis_black_holed(stalled: Stalled, sandbox
 
 def test_api_resolve_deadline_holds_when_redis_black_holed(stalled: Stalled, sandbox: Any) -> None:
     from tests.integration.test_api import Api, Served
-    from workers.api import create_app
+    from workers.api.app import create_app
     from broker.settings import load_settings
 
     key = register("cbtest-apikey-" + secrets.token_hex(12))

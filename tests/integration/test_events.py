@@ -14,8 +14,8 @@ from broker.errors import BrokerError
 from broker.events import EventLog
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect
-from workers.credentials import remove_credential
-from workers.runtime import build_runtime
+from workers.actions.credentials import remove_credential
+from workers.common.runtime import build_runtime
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from broker.servers import parse_servers
 from broker.settings import PREFIX
 from tests.faults import PrivateRedis, free_port
 from workers.client import BrokerClient
-from workers.embedded import redis_reachable
+from workers.common.embedded import redis_reachable
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_redis_that_answers_on_a_missing_db_is_reported_precisely(private_redis:
         redis_reachable(url)
     assert redis_reachable(private_redis.url) is True
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)} | {PREFIX + "REDIS_URL": url}
-    up = subprocess.run([sys.executable, "-m", "workers.cli", "up", "--port", str(free_port())], env=env,
+    up = subprocess.run([sys.executable, "-m", "workers.cli.main", "up", "--port", str(free_port())], env=env,
                         cwd=str(tmp_path), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert up.returncode == 2, up.stderr
     assert "answers but has no database 99" in up.stderr

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from tests.cluster import wait_for
-from workers.flight import Claims, FlightGuard, new_task_id
+from workers.common.flight import Claims, FlightGuard, new_task_id
 
 pytestmark = pytest.mark.integration
 

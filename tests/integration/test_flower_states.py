@@ -44,7 +44,7 @@ def test_failures_are_failures_answers_are_successes(tmp_path, sandbox) -> None:
     try:
         cluster.start_worker(concurrency=2)
         cluster.start_beat()
-        cluster._spawn("flower", ["-m", "celery", "-A", "workers.celery_app", "flower", f"--port={port}",
+        cluster._spawn("flower", ["-m", "celery", "-A", "workers.celery.app", "flower", f"--port={port}",
                                   "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}"])
         sign_in(cluster, sandbox, "fay")
         sandbox.provider.set_fault("token", "5xx")

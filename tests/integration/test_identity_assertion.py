@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.sandbox.jwt import unverified_claims
+from sandbox.jwt import unverified_claims
 from tests.cluster import Cluster
 from tests.integration.test_cluster import sign_in
 from tests.secrets import register

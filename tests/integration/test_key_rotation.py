@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from broker.sandbox import SandboxProvider, run_sandbox
-from broker.sandbox.server import bind_socket, url_for
+from sandbox import SandboxProvider, run_sandbox
+from sandbox.server import bind_socket, url_for
 from broker.servers import servers_from_settings
 from broker.settings import load_settings
 from tests.cluster import Cluster, redis_available, wait_for
@@ -25,7 +25,7 @@ from tests.conftest import missing_service
 from tests.integration.connect_browser import ConnectBrowser
 from tests.integration.test_api import KEY, Api, Served
 from tests.secrets import register
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_rolling_master_key_rotation_keeps_links_and_flights_working(tmp_path: P
         first: dict[str, httpx.Response] = {}
         waiter = threading.Thread(target=lambda: first.update(r=api1.resolve("rot-bob", "tx")))
         waiter.start()
-        from workers.constants import flight_key
+        from workers.common.constants import flight_key
 
         tx_key = servers_from_settings(cluster.settings)["tx"].key
         wait_for(lambda: cluster.redis.exists(flight_key("rot-bob", tx_key)), 10, what="the flight to start")

@@ -19,8 +19,8 @@ from broker.models import CredentialStatus, StoredCredential
 from broker.servers import server_key
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, store_of
-from workers.constants import AUDIT_STREAM, flight_key
-from workers.metrics import CLUSTER_HASH
+from workers.common.constants import AUDIT_STREAM, flight_key
+from workers.common.metrics import CLUSTER_HASH
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 GH_KEY = server_key("gh", "https://gh.upstream.test/mcp")
@@ -190,8 +190,8 @@ def test_scenario_4_disconnect_is_serialized_with_flights(tmp_path: Path, sandbo
     delete, so what it revokes is the live token, and a flight that finds the row
     gone answers not_connected. The provider revokes single tokens (not families),
     so a leaked successor would stay live."""
-    from workers.credentials import remove_credential
-    from workers.runtime import build_runtime
+    from workers.actions.credentials import remove_credential
+    from workers.common.runtime import build_runtime
 
     sandbox.provider.configure(access_token_ttl=3, rotate_refresh_tokens=True, revoke_family=False)
     c = Cluster(tmp_path, sandbox.url, extra_env=FAST)

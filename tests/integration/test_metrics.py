@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.settings import load_settings
 from tests.faults import PrivateRedis
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def families(text: str) -> dict[str, Any]:
 def _count_in_workers(redis_url: str, processes: int, each: int) -> None:
     """Worker-side counting as the tasks do it, from several processes at once (prefork's case)."""
     code = ("import sys, redis\n"
-            "from workers.metrics import cluster_incr, cluster_set\n"
+            "from workers.common.metrics import cluster_incr, cluster_set\n"
             "r = redis.Redis.from_url(sys.argv[1])\n"
             "for _ in range(int(sys.argv[2])):\n"
             "    cluster_incr(r, 'credbroker_provider_calls_total', grant='refresh_token', result='success')\n"
@@ -121,13 +121,13 @@ def test_several_api_processes_behind_one_port_serve_the_sum(tmp_path: Path) -> 
     folder = tmp_path / "prom"
     folder.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
-    count = ("from workers.metrics import METRICS\n"
+    count = ("from workers.common.metrics import METRICS\n"
              "for _ in range(10):\n"
              "    METRICS.inc('credbroker_resolves_total', outcome='ok', path='fast')\n"
              "METRICS.observe('credbroker_resolve_seconds', 0.002, path='fast')\n")
     for _ in range(3):
         subprocess.run([sys.executable, "-c", count], env=env, check=True, timeout=60)
-    shown = subprocess.run([sys.executable, "-c", "from workers.metrics import METRICS; print(METRICS.render())"],
+    shown = subprocess.run([sys.executable, "-c", "from workers.common.metrics import METRICS; print(METRICS.render())"],
                            env=env, check=True, timeout=60, capture_output=True, text=True).stdout
     parsed = families(shown)
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in parsed["credbroker_resolves"].samples}

@@ -26,7 +26,7 @@ from broker.oauth import (
     make_http_client,
 )
 from broker.resolver import Resolver
-from broker.sandbox import SandboxHandle
+from sandbox import SandboxHandle
 from broker.secret import Secret
 from broker.servers import ServerRegistry, parse_servers
 from broker.settings import Settings

@@ -29,7 +29,7 @@ from broker.oauth import (
 )
 from broker.oauth.pkce import new_state, new_verifier
 from broker.resolver import Resolver
-from broker.sandbox import (
+from sandbox import (
     ACCESS_TOKEN_TYPE,
     JWT_BEARER,
     TOKEN_EXCHANGE,

@@ -19,15 +19,15 @@ import pytest
 
 from broker.db import make_engine
 from broker.jose import SigningKey, generate_private_key, private_pem
-from broker.sandbox import SandboxHandle, run_sandbox
+from sandbox import SandboxHandle, run_sandbox
 from broker.servers import servers_from_settings
 from broker.store import CredentialStore
 from tests.cluster import Cluster, read_all_redis, redis_available
 from tests.conftest import missing_service
 from tests.integration.test_api import KEY, Api, Served
-from broker.sandbox import SandboxProvider
+from sandbox import SandboxProvider
 from tests.secrets import assert_no_leak, register
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """private_key_jwt and DPoP against the sandbox over real HTTP.
 
-The sandbox verifies with its own code (``broker.sandbox.pop``): each test
+The sandbox verifies with its own code (``sandbox.pop``): each test
 asserts what it accepted, what it refused and what it counted.
 """
 
@@ -21,7 +21,7 @@ from broker.jose import SigningKey, generate_private_key, private_pem
 from broker.oauth import MetadataCache, OAuthClient, TokenEndpointSender, make_http_client
 from broker.oauth.assertion import CLIENT_ASSERTION_TYPE, client_assertion
 from broker.resolver import resolved_from
-from broker.sandbox import SandboxHandle, run_sandbox
+from sandbox import SandboxHandle, run_sandbox
 from broker.secret import Secret
 from broker.servers import ServerConfig, parse_servers
 from broker.settings import Settings

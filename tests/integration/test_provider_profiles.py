@@ -3,7 +3,7 @@
 The servers file names the profile and overrides only the endpoints (to the
 sandbox's loopback URL), so everything else the profile fills is what meets
 the provider: authorize-URL extras, scope on refresh, the response adapter.
-The sandbox client for profile P behaves as P documents (``broker.sandbox.profiles``);
+The sandbox client for profile P behaves as P documents (``sandbox.profiles``);
 what it received and answered is the assertion.
 """
 
@@ -25,7 +25,7 @@ from broker.models import Credential, ObtainedVia
 from broker.oauth import MetadataCache, OAuthClient, TokenEndpointSender, make_http_client
 from broker.oauth.pkce import new_state, new_verifier
 from broker.resolver import Resolver
-from broker.sandbox import SandboxHandle, run_sandbox
+from sandbox import SandboxHandle, run_sandbox
 from broker.secret import Secret
 from broker.servers import ServerConfig, ServerRegistry, parse_servers
 from broker.settings import Settings

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, quote_plus, urlsplit
 import httpx
 import pytest
 
-import broker.sandbox as sandbox_pkg
-from broker.sandbox import (
+import sandbox as sandbox_pkg
+from sandbox import (
     ACCESS_TOKEN_TYPE,
     JWT_BEARER,
     TOKEN_EXCHANGE,
@@ -28,7 +28,7 @@ from broker.sandbox import (
     run_sandbox,
     s256,
 )
-from broker.sandbox.jwt import unverified_claims
+from sandbox.jwt import unverified_claims
 
 pytestmark = pytest.mark.integration
 
@@ -654,7 +654,7 @@ def test_module_runs_as_a_process() -> None:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.sandbox", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", "0",
          "--access-token-ttl", "90", "--latency-ms", "5", "--no-rotate"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

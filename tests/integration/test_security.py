@@ -24,8 +24,8 @@ from sqlalchemy import text
 from broker.audit import SqlAuditLog
 from broker.db import make_engine
 from broker.oauth.pkce import new_state, new_verifier
-from broker.sandbox import SandboxHandle, SandboxProvider, run_sandbox
-from broker.sandbox.server import bind_socket, url_for
+from sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox.server import bind_socket, url_for
 from broker.servers import servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.state import STATE_GROUP_PREFIX, STATE_PREFIX, state_key
@@ -34,9 +34,9 @@ from tests.conftest import missing_service
 from tests.integration.connect_browser import ConnectBrowser
 from tests.integration.test_api import KEY, Api, Served
 from tests.secrets import register
-from workers.api import create_app
-from workers.auditstream import persist_audit_batch
-from workers.constants import AUDIT_STREAM
+from workers.api.app import create_app
+from workers.common.auditstream import persist_audit_batch
+from workers.common.constants import AUDIT_STREAM
 
 pytestmark = pytest.mark.integration
 
@@ -250,7 +250,7 @@ def test_readyz_is_cached(env: Env) -> None:
         text = env.api("GET", "/metrics").text
         return sum(float(m.split()[-1]) for m in text.splitlines() if m.startswith("credbroker_readyz_probes_total"))
 
-    from workers.api import READY_CACHE_SECONDS
+    from workers.api.app import READY_CACHE_SECONDS
 
     with Api(env.url, key=None) as anyone:
         anyone("GET", "/readyz")  # fills the cache
@@ -305,7 +305,7 @@ def test_erasure_leaves_nothing_of_the_user(env: Env) -> None:
     assert erased and all(e.startswith("erased:") for e in erased)
     redis_dump = read_all_redis(env.cluster.redis)
     assert user not in redis_dump
-    from workers.constants import cache_key
+    from workers.common.constants import cache_key
 
     key = _gh_key(env)
     assert not env.cluster.redis.exists(cache_key(user, key))
@@ -322,8 +322,8 @@ def test_erasure_drops_buffered_use_marks_of_the_user(redis_url: str) -> None:
 
     import redis
 
-    from workers.auditstream import StreamAuditSink
-    from workers.constants import USED_ZSET
+    from workers.common.auditstream import StreamAuditSink
+    from workers.common.constants import USED_ZSET
 
     client = redis.Redis.from_url(redis_url)
     gone, kept = f"erased-{uuid.uuid4().hex}", f"kept-{uuid.uuid4().hex}"

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tests.cluster import Cluster, wait_for  # noqa: E402
 from tests.faults import PrivateRedis  # noqa: E402
 from tests.secrets import register  # noqa: E402
-from workers import tracing  # noqa: E402
+from workers.common import tracing  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_a_resolve_miss_is_one_trace_from_api_to_provider(traced_cluster: tuple[
                                                           sandbox: Any) -> None:
     cluster, spans_file = traced_cluster
     cluster.start_worker(concurrency=1)
-    from workers.api import create_app
+    from workers.api.app import create_app
 
     memory = InMemorySpanExporter()
     tracing.setup_tracing("credbroker-api", {}, exporter=memory)

@@ -23,9 +23,9 @@ from tests.cluster import Cluster, wait_for
 from tests.integration.test_api import KEY, Api, Served
 from tests.integration.test_cluster import sign_in, store_of
 from tests.secrets import register
-from workers.api import create_app
-from workers.constants import cache_key
-from workers.metrics import METRICS
+from workers.api.app import create_app
+from workers.common.constants import cache_key
+from workers.common.metrics import METRICS
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_bulk_warm_of_many_users_while_resolves_run(tmp_path, sandbox, pg_url) -
         for t in threads:
             t.start()
         started = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "warm", "--all-users", "--server", "tx",
+        out = subprocess.run([sys.executable, "-m", "workers.cli.main", "warm", "--all-users", "--server", "tx",
                               "--window", "24", "--json"], env=env, cwd=ROOT, capture_output=True, timeout=200)
         elapsed = time.monotonic() - started
         stop.set()

@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from broker.db import make_engine
 from tests.cluster import Cluster, wait_for
 from tests.integration.test_cluster import connect, sign_in
-from workers.webhooks import DEAD, DELIVERED, FAILED, DeliveryLog
+from workers.celery.webhooks import DEAD, DELIVERED, FAILED, DeliveryLog
 
 pytestmark = pytest.mark.integration
 

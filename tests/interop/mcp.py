@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from broker.sandbox.server import bind_socket, url_for
+from sandbox.server import bind_socket, url_for
 from tests.cluster import wait_for
 
 __all__ = ["McpServer"]

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from broker.db import make_engine
-from broker.sandbox.server import bind_socket, url_for
+from sandbox.server import bind_socket, url_for
 from broker.servers import servers_from_settings
 from broker.store import CredentialStore
 from tests.cluster import Cluster, redis_available
@@ -29,7 +29,7 @@ from tests.conftest import missing_service
 from tests.integration.test_api import KEY, Api, Served
 from tests.interop.dot import DotServer, complete_connect
 from tests.secrets import assert_no_leak, canary, register
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 

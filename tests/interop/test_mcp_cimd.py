@@ -13,14 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.sandbox.server import bind_socket, url_for
+from sandbox.server import bind_socket, url_for
 from tests.cluster import Cluster, redis_available
 from tests.conftest import missing_service
 from tests.integration.test_api import KEY, Api, Served
 from tests.interop.mcp import McpServer
 from tests.interop.test_mcp_interop import browse
 from tests.secrets import register
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 

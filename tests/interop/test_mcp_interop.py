@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from broker.db import make_engine
 from broker.registrations import registered_clients
-from broker.sandbox.server import bind_socket, url_for
+from sandbox.server import bind_socket, url_for
 from broker.servers import servers_from_settings
 from tests.cluster import Cluster, redis_available
 from tests.conftest import missing_service
@@ -31,7 +31,7 @@ from tests.integration.test_api import KEY, Api, Served
 from tests.interop.dot import _PostForm
 from tests.interop.mcp import McpServer
 from tests.secrets import assert_no_leak, register
-from workers.api import create_app
+from workers.api.app import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.interop]
 
@@ -229,7 +229,7 @@ def test_servers_discover_prints_what_it_found_without_registering(mcp: McpInter
     import sys
 
     before = mcp.server.counts().get("register", 0)
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "servers", "discover", mcp.server.mcp_url],
+    out = subprocess.run([sys.executable, "-m", "workers.cli.main", "servers", "discover", mcp.server.mcp_url],
                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
                          cwd=str(Path(__file__).resolve().parents[2]))
     assert out.returncode == 0, out.stderr

@@ -14,7 +14,7 @@ import time
 
 from broker.settings import load_settings
 from workers.client import BrokerClient
-from workers.metrics import METRICS
+from workers.common.metrics import METRICS
 
 
 def main() -> int:

@@ -33,8 +33,8 @@ from broker.secret import Secret
 from broker.settings import load_settings
 from broker.validation import validate_server_name, validate_user_id
 from tests.secrets import assert_no_leak, canary
-from workers.api import create_app
-from workers.api_input import (
+from workers.api.app import create_app
+from workers.api.input import (
     MAX_BODY_BYTES,
     bearer_matches,
     check_fields,
@@ -44,7 +44,7 @@ from workers.api_input import (
     parse_timeout,
     parse_token,
 )
-from workers.api_openapi import OPENAPI
+from workers.api.openapi import OPENAPI
 
 KEY = "unit-api-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -21,10 +21,12 @@ import yaml
 from broker.crypto import parse_key, parse_master_keys
 from broker.settings import PREFIX
 from tests.cluster import wait_for
-from workers import cli, cli_procs, embedded
-from workers.cli_admin import Progress
-from workers.cli_common import mask_header_value
-from workers.cli_supervisor import ChildDied, Stopped, Supervisor
+from workers.cli import main as cli
+from workers.cli import procs as cli_procs
+from workers.common import embedded
+from workers.cli.admin import Progress
+from workers.cli.common import mask_header_value
+from workers.cli.supervisor import ChildDied, Stopped, Supervisor
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +167,7 @@ def test_keygen_jwk_prints_a_pair_whose_signatures_the_jwk_verifies(
 
     from broker.jose import SigningKey, load_private_pem
     from broker.oauth.assertion import client_assertion
-    from broker.sandbox.pop import verify_client_assertion
+    from sandbox.pop import verify_client_assertion
 
     code, out, _ = run(capsys, "keygen", "--jwk", "--alg", alg)
     assert code == 0
@@ -262,7 +264,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_queue_matches_the_celery_app() -> None:
-    from workers.celery_app import QUEUE
+    from workers.celery.app import QUEUE
 
     assert cli_procs.QUEUE == QUEUE
 
@@ -271,7 +273,7 @@ def test_worker_argv() -> None:
     from broker.settings import load_settings
 
     argv = cli_procs.worker_argv(parse("worker", "-c", "3", "--pool", "threads"), load_settings({}, env_file=None))
-    assert argv[:5] == [sys.executable, "-m", "celery", "-A", "workers.celery_app"]
+    assert argv[:5] == [sys.executable, "-m", "celery", "-A", "workers.celery.app"]
     assert argv[5] == "worker"
     assert {"--concurrency=3", "--pool=threads", "--queues=credbroker", "--loglevel=INFO"} <= set(argv)
 
@@ -484,7 +486,7 @@ def test_supervisor_wait_for_times_out() -> None:
 
 
 def test_commands_use_the_running_up_session(tmp_path: Path) -> None:
-    from workers.cli_common import settings
+    from workers.cli.common import settings
 
     folder = embedded.ensure_state_dir(tmp_path / ".credbroker")
     session = {PREFIX + "REDIS_URL": "redis://:pw@127.0.0.1:7001/0", PREFIX + "PUBLIC_URL": "http://127.0.0.1:9000"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.settings import load_settings
-from workers import cli, cli_procs
+from workers.cli import main as cli
+from workers.cli import procs as cli_procs
 
 
 def parse(*argv: str):  # type: ignore[no-untyped-def]

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from broker.settings import PREFIX, SETTING_NAMES
-from workers.cli import build_parser
-from workers.cli_common import REQUIRE_VARIABLE
+from workers.cli.main import build_parser
+from workers.cli.common import REQUIRE_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -31,8 +31,10 @@ from broker.servers import ServerRegistry, parse_servers
 from broker.settings import PREFIX, load_settings
 from broker.store import CredentialStore
 from tests.secrets import canary
-from workers import cli, cli_procs, embedded
-from workers.demo import instructions
+from workers.cli import main as cli
+from workers.cli import procs as cli_procs
+from workers.common import embedded
+from workers.cli.demo import instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -155,7 +157,7 @@ def test_up_runs_worker_and_beat_without_celery_banners() -> None:
         assert argv.index("--quiet") < argv.index(command), "a global celery option, before the command"
     plain = cli_procs.worker_argv(parser.parse_args(["worker"]), settings)
     assert "--quiet" not in plain
-    up_source = (ROOT / "workers" / "cli_up.py").read_text()
+    up_source = (ROOT / "workers" / "cli" / "up.py").read_text()
     assert 'quiet.append("--quiet")' in up_source
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from broker.errors import NotConnected, PolicyDenied, ServiceUnavailable, SubjectTokenMissing, UpstreamError
-from workers.outcomes import FlightFailed, flight_result, raise_if_failed, summary
+from workers.common.outcomes import FlightFailed, flight_result, raise_if_failed, summary
 
 
 def test_failures_raise_with_a_summary_answers_pass() -> None:

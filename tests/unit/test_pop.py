@@ -25,12 +25,12 @@ from broker.oauth.forms import refresh_request, revocation_request, token_exchan
 from broker.oauth.sender import TokenEndpointSender
 from broker.resolver import Acquisition, resolved_from
 from broker.audit import Action
-from broker.sandbox.errors import OAuthError
-from broker.sandbox.pop import jwk_thumbprint, verify_client_assertion, verify_dpop_proof
+from sandbox.errors import OAuthError
+from sandbox.pop import jwk_thumbprint, verify_client_assertion, verify_dpop_proof
 from broker.secret import Secret
 from broker.servers import AuthBrokerConfig, ClientAuth, Mode, parse_servers
 from tests.secrets import register
-from workers.wire import from_envelope, open_envelope, seal_envelope, to_envelope
+from workers.common.wire import from_envelope, open_envelope, seal_envelope, to_envelope
 
 NOW = 1_800_000_000.0
 TOKEN_URL = "https://as.example/oauth/token"

@@ -17,10 +17,10 @@ from broker import keyspace
 from broker.errors import ConfigError, ConfigMismatch, error_from_dict
 from broker.servers import parse_servers
 from broker.settings import load_settings
-from workers import constants
-from workers.celery_app import make_celery
-from workers.deadline import DeadlineConnection, DeadlinePool, remaining, within
-from workers.redisconn import parse_redis_url
+from workers.common import constants
+from workers.celery.app import make_celery
+from workers.common.deadline import DeadlineConnection, DeadlinePool, remaining, within
+from workers.common.redisconn import parse_redis_url
 
 SENTINEL_URL = "sentinel://:pw%40x@10.0.0.1:26379;sentinel://:pw%40x@10.0.0.2:26380/3?master_name=mymaster"
 
@@ -49,7 +49,7 @@ def test_sentinel_url_parsed_for_redis_py_and_celery() -> None:
     assert app.conf.broker_url == t.celery_url
     assert app.conf.broker_transport_options["master_name"] == "mymaster"
     assert app.conf.result_backend_transport_options["master_name"] == "mymaster"
-    assert app.conf.result_backend.startswith("workers.backend:FlightSentinelBackend+sentinel://")
+    assert app.conf.result_backend.startswith("workers.celery.backend:FlightSentinelBackend+sentinel://")
     assert app.conf.broker_transport.endswith(":SentinelTransport")
 
 
@@ -177,7 +177,7 @@ def test_pool_wait_bounded_by_deadline() -> None:
 
 
 def test_embedded_probe_understands_sentinel_urls() -> None:
-    from workers.embedded import redis_answers
+    from workers.common.embedded import redis_answers
 
     # Nothing listens on port 1: the probe answers False instead of failing on the scheme.
     assert redis_answers("sentinel://127.0.0.1:1/0?master_name=m", timeout=0.2) is False
@@ -186,7 +186,7 @@ def test_embedded_probe_understands_sentinel_urls() -> None:
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/none.sock?db=0"])
 def test_every_plain_scheme_builds_connections(url: str) -> None:
     from broker.settings import Settings
-    from workers.redisconn import redis_client
+    from workers.common.redisconn import redis_client
 
     conn = redis_client(Settings(redis_url=url)).connection_pool.make_connection()
     assert conn.socket_timeout == 5.0

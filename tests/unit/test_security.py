@@ -98,19 +98,19 @@ def test_retention_prunes_in_batches_and_keeps_recent_events(engine) -> None:  #
 
 
 def test_the_beat_schedules_audit_retention() -> None:
-    from workers.celery_app import TASK_PRUNE_AUDIT, make_celery
+    from workers.celery.app import TASK_PRUNE_AUDIT, make_celery
 
     app = make_celery(settings())
     assert any(e["task"] == TASK_PRUNE_AUDIT for e in app.conf.beat_schedule.values())
-    assert "workers.retention" in make_celery(settings(), main=True).conf.imports
+    assert "workers.celery.retention" in make_celery(settings(), main=True).conf.imports
 
 
 def test_the_prune_task_applies_the_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from broker.db import make_engine
     from broker.migrate import upgrade
     from broker.settings import Settings
-    from workers.retention import prune_audit
-    from workers.runtime import runtime, set_settings
+    from workers.celery.retention import prune_audit
+    from workers.common.runtime import runtime, set_settings
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     engine = make_engine(url)

@@ -13,7 +13,7 @@ from standardwebhooks.webhooks import Webhook
 from broker.errors import ConfigError
 from broker.events import Event
 from broker.settings import load_settings
-from workers.webhooks import endpoint_label, message, retry_delay, signed_headers
+from workers.celery.webhooks import endpoint_label, message, retry_delay, signed_headers
 
 AT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()

@@ -11,8 +11,8 @@ from broker.errors import ServiceUnavailable, StoreDisabled
 from broker.models import CredentialStatus, StoredCredential
 from broker.servers import ServerConfig
 
-from .constants import cache_key
-from .runtime import Runtime
+from workers.common.constants import cache_key
+from workers.common.runtime import Runtime
 
 __all__ = ["credential_listing", "remove_credential"]
 

@@ -19,9 +19,9 @@ from broker.audit import Action, Outcome, record_event
 from broker.errors import ServiceUnavailable, StoreDisabled
 from broker.events import forget_user
 
-from .constants import cache_key, pending_connect_key, used_zset
+from workers.common.constants import cache_key, pending_connect_key, used_zset
 from .credentials import remove_credential
-from .runtime import Runtime
+from workers.common.runtime import Runtime
 
 __all__ = ["erase_user", "pseudonym", "delete_subject_token"]
 

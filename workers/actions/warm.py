@@ -25,9 +25,9 @@ from broker.models import CredentialStatus
 from broker.policy import PolicyInput, enforce
 from broker.servers import Mode, ServerConfig
 
-from .constants import flight_key
-from .flight import new_task_id
-from .runtime import Runtime
+from workers.common.constants import flight_key
+from workers.common.flight import new_task_id
+from workers.common.runtime import Runtime
 
 __all__ = ["WarmPlan", "plan_warm", "send_warm", "warm_user", "EXCHANGE_MODES",
            "NEVER_CONNECTED", "NEEDS_RECONNECT", "SUBJECT_TOKEN_MISSING", "POLICY_DENIED"]

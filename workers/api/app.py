@@ -13,10 +13,10 @@ Routes are the contract table of DESIGN.md, plus the operational ones:
 Every response carries ``X-Request-ID`` (an authenticated caller's, if it is a
 plain short id, else a fresh one), which also goes into the audit events of the call.
 Blocking work (store, Redis, flights) runs in worker threads, never on the
-event loop. Input rules are in ``api_input``, auth, request ids and error
-mapping in ``api_edge``, the connect-flow routes in ``api_connect``, the
-browser pages in ``api_pages``, the OpenAPI
-document in ``api_openapi``.
+event loop. Input rules are in ``input``, auth, request ids and error
+mapping in ``edge``, the connect-flow routes in ``connect``, the
+browser pages in ``pages``, the OpenAPI
+document in ``openapi``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from broker.oauth.mcp_discovery import CLIENT_METADATA_PATH, client_metadata_doc
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
-from . import api_events
-from .api_connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
-from .api_edge import REQUEST_ID_KEY, Edge, broker_error, http_error
-from .api_edge import json_body as _json_body
-from .api_edge import no_store as _no_store
-from .api_input import (
+from . import events as api_events
+from .connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
+from .edge import REQUEST_ID_KEY, Edge, broker_error, http_error
+from .edge import json_body as _json_body
+from .edge import no_store as _no_store
+from .input import (
     echo_names,
     check_fields,
     parse_instant,
@@ -60,15 +60,15 @@ from .api_input import (
     parse_timeout,
     parse_token,
 )
-from .api_events import warm_for
-from .api_openapi import OPENAPI
-from .client import BrokerClient
-from .constants import cache_key
-from .credentials import credential_listing, remove_credential
-from .erasure import delete_subject_token, erase_user
-from .tracing import instrument_api
-from .metrics import METRICS, render_cluster
-from .runtime import Runtime, build_runtime
+from .events import warm_for
+from .openapi import OPENAPI
+from workers.client import BrokerClient
+from workers.common.constants import cache_key
+from workers.actions.credentials import credential_listing, remove_credential
+from workers.actions.erasure import delete_subject_token, erase_user
+from workers.common.tracing import instrument_api
+from workers.common.metrics import METRICS, render_cluster
+from workers.common.runtime import Runtime, build_runtime
 
 __all__ = ["create_app", "serve_api"]
 

@@ -25,12 +25,12 @@ from broker.errors import BrokerError, InvalidRequest, Unauthorized
 from broker.secret import Secret
 from broker.validation import validate_request_id
 
-from .api_input import MAX_BODY_BYTES, bearer_matches, parse_json_object
-from .metrics import METRICS
+from .input import MAX_BODY_BYTES, bearer_matches, parse_json_object
+from workers.common.metrics import METRICS
 
 __all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error", "json_body", "no_store"]
 
-log = logging.getLogger("workers.api")
+log = logging.getLogger("workers.api.app")
 
 # Where the request id lives in the ASGI scope for the endpoints.
 REQUEST_ID_KEY = "credbroker.request_id"

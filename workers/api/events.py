@@ -18,9 +18,9 @@ from broker.errors import InvalidRequest, StoreDisabled
 from broker.events import EventLog
 from broker.validation import validate_server_name, validate_user_id
 
-from .api_input import check_fields, echo_names, parse_limit
-from .celery_app import TASK_WARM
-from .warm import warm_user
+from .input import check_fields, echo_names, parse_limit
+from workers.celery.app import TASK_WARM
+from workers.actions.warm import warm_user
 
 __all__ = ["warm", "events", "warm_for", "parse_cursor"]
 
@@ -51,7 +51,7 @@ def warm_for(api: Any, user_id: str, servers: list[str] | None, request_id: str,
 
 
 async def warm(request: Request) -> Response:
-    from .api import _api, _json_body, _rid
+    from .app import _api, _json_body, _rid
 
     api = _api(request)
     body = await _json_body(request)
@@ -67,7 +67,7 @@ async def warm(request: Request) -> Response:
 
 
 async def events(request: Request) -> Response:
-    from .api import _api
+    from .app import _api
 
     api = _api(request)
     q = request.query_params

@@ -14,8 +14,8 @@ from celery import Celery
 from broker.keyspace import key_prefix, set_namespace
 from broker.settings import Settings, load_settings
 
-from .redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentinel_kwargs
-from .tracing import connect_worker_signals
+from workers.common.redisconn import CONNECT_TIMEOUT, SOCKET_TIMEOUT, parse_redis_url, sentinel_kwargs
+from workers.common.tracing import connect_worker_signals
 from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
@@ -28,7 +28,7 @@ TASK_PERSIST_AUDIT = "broker.persist_audit"
 TASK_PRUNE_AUDIT = "broker.prune_audit"
 # Audit retention runs often enough that each run deletes little (bounded batches).
 PRUNE_AUDIT_SECONDS = 600
-# Pre-warming and event delivery (workers.tasks_events).
+# Pre-warming and event delivery (workers.celery.tasks_events).
 TASK_WARM = "broker.warm"
 TASK_WARM_USER = "broker.warm_user"
 TASK_DELIVER_WEBHOOK = "broker.deliver_webhook"
@@ -50,12 +50,12 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
                 "sentinel_kwargs": sentinel_kwargs(target.sentinel_password)} if target.is_sentinel else {}
     backend = "FlightSentinelBackend" if target.is_sentinel else "FlightResultBackend"
     # The namespace prefixes kombu's queues, bindings and fanout channels and the
-    # result keys and channels, as it prefixes ours (``workers.constants``).
+    # result keys and channels, as it prefixes ours (``workers.common.constants``).
     prefix = key_prefix(settings.namespace)
     namespaced = {"global_keyprefix": prefix} if prefix else {}
     app.conf.update(
         broker_url=target.celery_url,
-        result_backend=f"workers.backend:{backend}+" + target.celery_url,
+        result_backend=f"workers.celery.backend:{backend}+" + target.celery_url,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -83,17 +83,17 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_hijack_root_logger=False,
         timezone="UTC",
         # Audit moves, expiry events and webhook dispatch run on each worker's
-        # housekeeping timer (workers.tasks_events), not as a task per second.
+        # housekeeping timer (workers.celery.tasks_events), not as a task per second.
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
             "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks", "workers.retention", "workers.tasks_events"]
+        app.conf.imports = ["workers.celery.tasks", "workers.celery.retention", "workers.celery.tasks_events"]
         set_namespace(settings.namespace)  # the worker's and the beat's process serve this deployment
     # Connections that obey a caller's deadline (senders: clients, the API) and
-    # survive a Sentinel master's death (workers); see ``workers.transport``.
+    # survive a Sentinel master's death (workers); see ``workers.celery.transport``.
     app.conf.broker_transport = SENTINEL_TRANSPORT if target.is_sentinel else TRANSPORT
     return app
 

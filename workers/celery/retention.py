@@ -6,8 +6,8 @@ import logging
 
 from broker.audit import SqlAuditLog, prune_expired
 
-from .celery_app import TASK_PRUNE_AUDIT, app
-from .runtime import runtime
+from .app import TASK_PRUNE_AUDIT, app
+from workers.common.runtime import runtime
 
 __all__ = ["prune_audit"]
 

@@ -19,14 +19,14 @@ from broker.errors import BrokerError, ConfigMismatch, NoCredential, StoreDisabl
 from broker.resolver import Acquisition
 from broker.servers import Mode
 
-from .auditstream import persist_audit_batch, pop_used, restore_used
-from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
-from .constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
-from .flight import FlightGuard, new_task_id
-from .metrics import cluster_incr, cluster_set
-from .outcomes import raise_if_failed
-from .runtime import Runtime, runtime
-from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
+from workers.common.auditstream import persist_audit_batch, pop_used, restore_used
+from .app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
+from workers.common.constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
+from workers.common.flight import FlightGuard, new_task_id
+from workers.common.metrics import cluster_incr, cluster_set
+from workers.common.outcomes import raise_if_failed
+from workers.common.runtime import Runtime, runtime
+from workers.common.wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
 __all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
 

@@ -1,4 +1,4 @@
-"""kombu's Redis transports with our connection classes (``workers.deadline``).
+"""kombu's Redis transports with our connection classes (``workers.common.deadline``).
 
 Used by every process: senders' publishes obey their caller's deadline, and
 workers get one fix for the Sentinel transport: when the master dies, closing
@@ -14,7 +14,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-from .deadline import DeadlineConnection, DeadlineSentinelConnection
+from workers.common.deadline import DeadlineConnection, DeadlineSentinelConnection
 
 __all__ = ["Transport", "SentinelTransport", "TRANSPORT", "SENTINEL_TRANSPORT"]
 

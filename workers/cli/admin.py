@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from broker.errors import ServiceUnavailable
 
-from .cli_common import UsageError, add_command, configure_logging, emit_json, open_store, settings, table
+from .common import UsageError, add_command, configure_logging, emit_json, open_store, settings, table
 
 __all__ = ["register", "Progress"]
 

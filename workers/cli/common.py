@@ -56,7 +56,7 @@ def environment() -> dict[str, str]:
     keys, a private Redis, the demo's servers) apply to the other commands
     run here too, exactly as they do for those children.
     """
-    from .embedded import session_environment
+    from workers.common.embedded import session_environment
 
     return session_environment()
 
@@ -74,7 +74,7 @@ def check_required(environ: dict[str, str] | None = None) -> None:
     from broker.errors import ConfigError
     from broker.settings import SETTING_NAMES
 
-    from .embedded import configured
+    from workers.common.embedded import configured
 
     values = configured(environment() if environ is None else environ)
     names = [n.strip().upper() for n in values.get(REQUIRE_VARIABLE, "").split(",") if n.strip()]

@@ -19,7 +19,7 @@ import yaml
 
 from broker.clock import utcnow
 from broker.models import SubjectToken
-from broker.sandbox import DEFAULT_CLIENTS
+from sandbox import DEFAULT_CLIENTS
 from broker.secret import Secret
 from broker.servers import load_servers
 from broker.store import CredentialStore
@@ -61,7 +61,7 @@ def write_servers_file(folder: Path, sandbox_url: str) -> Path:
 
 def demo_api_key(folder: Path) -> str:
     """The demo's service bearer key, generated once into the state folder."""
-    from .embedded import secret_file
+    from workers.common.embedded import secret_file
 
     value, _ = secret_file(folder / API_KEY_FILE, lambda: "cbdemo-" + secrets.token_urlsafe(24))
     return value
@@ -79,7 +79,7 @@ def seed_subject_token(store: CredentialStore, sandbox_url: str, user_id: str = 
 def forget_demo_user(store: CredentialStore, redis_client: Any, server_keys: list[str],
                      user_id: str = DEMO_USER) -> None:
     """Start every demo from scratch: the last run's sandbox issued tokens nobody knows now."""
-    from .constants import cache_key
+    from workers.common.constants import cache_key
 
     for key in server_keys:
         store.delete(user_id, key)

@@ -15,8 +15,8 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from .outcomes import flight_result
-from .cli_common import add_command, check_schema, configure_logging, emit_json, settings, table
+from workers.common.outcomes import flight_result
+from .common import add_command, check_schema, configure_logging, emit_json, settings, table
 
 __all__ = ["register", "all_user_ids", "BulkWarm"]
 
@@ -65,8 +65,8 @@ class BulkWarm:
             self.failed[str(result["error"].get("error", "error"))] += 1
 
     def user(self, user_id: str, servers: list[str] | None) -> None:
-        from .celery_app import TASK_WARM
-        from .warm import warm_user
+        from workers.celery.app import TASK_WARM
+        from workers.actions.warm import warm_user
 
         plan, started = warm_user(self.rt, user_id, servers, self._send, TASK_WARM)
         self.queued += len(started)
@@ -84,9 +84,9 @@ class BulkWarm:
 def cmd_warm(args: argparse.Namespace) -> int:
     from broker.validation import validate_server_name, validate_user_id
 
-    from .cli_admin import Progress
-    from .client import BrokerClient
-    from .runtime import build_runtime
+    from .admin import Progress
+    from workers.client import BrokerClient
+    from workers.common.runtime import build_runtime
 
     configure_logging()
     s = settings()

@@ -1,7 +1,7 @@
 """``credbroker``: the command line of credential-broker.
 
-Commands live in small modules (``cli_up``, ``cli_procs``, ``cli_admin``,
-``cli_users``); this one builds the parser and turns errors into exit codes:
+Commands live in small modules (``up``, ``procs``, ``admin``, ``users``,
+``events``); this one builds the parser and turns errors into exit codes:
 2 for usage and configuration errors, 1 for runtime failures, 130 for Ctrl-C.
 Errors print as ``error: <code>: <message>`` on stderr; no command prints a
 secret unless asked to (``resolve --show-secret``).
@@ -17,8 +17,8 @@ import redis
 
 from broker.errors import BrokerError, ConfigError, InvalidRequest, UnknownServer
 
-from . import cli_admin, cli_events, cli_procs, cli_up, cli_users
-from .cli_common import NEEDS_NO_SETTINGS, UsageError, check_required
+from . import admin, events, procs, up, users
+from .common import NEEDS_NO_SETTINGS, UsageError, check_required
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="credbroker", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    cli_up.register(sub)
-    cli_procs.register(sub)
-    cli_admin.register(sub)
-    cli_users.register(sub)
-    cli_events.register(sub)
+    up.register(sub)
+    procs.register(sub)
+    admin.register(sub)
+    users.register(sub)
+    events.register(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from broker.errors import ConfigError
 from broker.settings import Settings
 
-from .cli_common import add_command, configure_logging, environment, port_number, positive_int, settings
+from .common import add_command, configure_logging, environment, port_number, positive_int, settings
 
 __all__ = ["register", "celery_argv", "worker_argv", "beat_argv", "flower_command", "POOLS"]
 
@@ -26,17 +26,17 @@ POOLS = ("prefork", "threads", "solo")
 # Flights wait on the provider, not the CPU: a thread pool sized for waiting
 # (about target flights/s x provider latency, with headroom) is the default.
 # The database, Redis and HTTP pools of a worker process are sized to match
-# (broker.db.make_engine, workers.runtime, broker.oauth.sender).
+# (broker.db.make_engine, workers.common.runtime, broker.oauth.sender).
 DEFAULT_POOL = "threads"
 DEFAULT_THREADS = 64
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# The queue the broker's tasks go to (workers.celery_app.QUEUE), without importing Celery here.
+# The queue the broker's tasks go to (workers.celery.app.QUEUE), without importing Celery here.
 QUEUE = "credbroker"
 
 
 def celery_argv(command: str, *options: str, quiet: bool = False) -> list[str]:
-    """``celery -A workers.celery_app COMMAND``; ``quiet`` drops Celery's start-up banner."""
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []),
+    """``celery -A workers.celery.app COMMAND``; ``quiet`` drops Celery's start-up banner."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery.app", *(["--quiet"] if quiet else []),
             command, *options]
 
 
@@ -52,7 +52,7 @@ def _exec(argv: list[str], env: Mapping[str, str] | None = None) -> NoReturn:
 def cmd_api(args: argparse.Namespace) -> int:
     s = settings()
     configure_logging(s.log_level)
-    from .api import serve_api  # lazily: Starlette and uvicorn only for this command
+    from workers.api.app import serve_api  # lazily: Starlette and uvicorn only for this command
 
     serve_api(s, args.host, args.port)
     return 0
@@ -86,7 +86,7 @@ def beat_argv(args: argparse.Namespace, s: Settings) -> list[str]:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from .embedded import ensure_state_dir
+    from workers.common.embedded import ensure_state_dir
 
     s = settings()
     argv = beat_argv(args, s)

@@ -19,8 +19,8 @@ import httpx
 
 from broker.settings import PREFIX, load_settings
 
-from .cli_common import UsageError, add_command, port_number, positive_int
-from .cli_supervisor import ChildDied, Stopped, Supervisor
+from .common import UsageError, add_command, port_number, positive_int
+from .supervisor import ChildDied, Stopped, Supervisor
 
 __all__ = ["register", "cmd_up"]
 
@@ -72,7 +72,7 @@ def _bind_error(host: str, port: int) -> OSError | None:
 
 
 def _wait_for_worker(sup: Supervisor, settings: Any) -> None:
-    from .celery_app import make_celery
+    from workers.celery.app import make_celery
 
     app = make_celery(settings)
     try:
@@ -86,7 +86,7 @@ def _prepare_demo(sup: Supervisor, env: dict[str, str], values: dict[str, str],
     """Start the sandbox; return its URL, the demo API key (if made here) and the settings to add."""
     from .demo import demo_api_key, write_servers_file
 
-    sandbox = sup.spawn("sandbox", [sys.executable, "-m", "broker.sandbox", "--host", "127.0.0.1", "--port", "0"],
+    sandbox = sup.spawn("sandbox", [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", "0"],
                         env, infra=True)
     url = sup.wait_for(lambda: next((ln.strip() for ln in sandbox.lines if ln.startswith("http")), None), 30,
                        "the sandbox provider to start")
@@ -105,7 +105,7 @@ def _seed_demo(settings: Any, engine: Any, sandbox_url: str) -> None:
     from broker.store import CredentialStore
 
     from .demo import DEMO_SERVERS, forget_demo_user, seed_subject_token
-    from .runtime import redis_client
+    from workers.common.runtime import redis_client
 
     store = CredentialStore(engine, settings.keyring)
     servers = servers_from_settings(settings)
@@ -121,7 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from broker.db import make_engine
     from broker.migrate import upgrade
 
-    from . import embedded
+    from workers.common import embedded
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     for noisy in ("httpx", "alembic"):
@@ -171,7 +171,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             engine.dispose()
 
-        cli = [sys.executable, "-m", "workers.cli"]
+        cli = [sys.executable, "-m", "workers.cli.main"]
         # Celery logs two lines per task at INFO, and beat sends one every second:
         # unless a level is configured, workers and beat report warnings only.
         quiet = [] if values.get(PREFIX + "LOG_LEVEL") else ["--loglevel", "WARNING"]

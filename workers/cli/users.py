@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli_common import (
+from .common import (
     add_command,
     check_schema,
     configure_logging,
@@ -28,7 +28,7 @@ __all__ = ["register"]
 def cmd_resolve(args: argparse.Namespace) -> int:
     from broker.validation import validate_server_name, validate_user_id
 
-    from .client import BrokerClient
+    from workers.client import BrokerClient
 
     configure_logging()
     validate_user_id(args.user, "USER")
@@ -58,7 +58,7 @@ def cmd_credentials_list(args: argparse.Namespace) -> int:
     from broker.servers import servers_from_settings
     from broker.validation import validate_user_id
 
-    from .credentials import credential_listing
+    from workers.actions.credentials import credential_listing
 
     configure_logging()
     validate_user_id(args.user, "USER")
@@ -87,7 +87,7 @@ def _runtime() -> Any:
     """The full per-process runtime (store, Redis, connect flow), on a migrated database."""
     from broker.db import make_engine
 
-    from .runtime import build_runtime
+    from workers.common.runtime import build_runtime
 
     s = settings()
     engine = make_engine(s.database_url)
@@ -125,7 +125,7 @@ def cmd_credentials_connect(args: argparse.Namespace) -> int:
 def cmd_credentials_rm(args: argparse.Namespace) -> int:
     from broker.validation import validate_server_name, validate_user_id
 
-    from .credentials import remove_credential
+    from workers.actions.credentials import remove_credential
 
     configure_logging()
     validate_user_id(args.user, "USER")
@@ -147,7 +147,7 @@ def cmd_credentials_rm(args: argparse.Namespace) -> int:
 def cmd_users_rm(args: argparse.Namespace) -> int:
     from broker.validation import validate_user_id
 
-    from .erasure import erase_user
+    from workers.actions.erasure import erase_user
 
     configure_logging()
     validate_user_id(args.user, "USER")

@@ -91,5 +91,5 @@ def pending_connect_key(user_id: str, server_key: str, ns: str | None = None) ->
 
 
 def metrics_hash(ns: str | None = None) -> str:
-    """Cluster-wide counters (``workers.metrics``)."""
+    """Cluster-wide counters (``workers.common.metrics``)."""
     return key_prefix(ns) + "credbroker:metrics"

@@ -5,7 +5,7 @@ bound each connect, send and read of that thread by the time left, so a Redis
 that accepts connections but never answers (paused, black-holed by a failover)
 costs a caller at most its own timeout. Threads without a deadline (workers,
 listeners) keep the plain socket timeouts. The kombu transports reuse the same
-connection classes (``workers.transport``), so publishing a flight task
+connection classes (``workers.celery.transport``), so publishing a flight task
 obeys the deadline too.
 """
 

@@ -9,7 +9,7 @@ spell it::
 
 The password is the master's; ``sentinel_password`` in the query is the
 sentinels' own, if they have one. Every connection has connect, socket and
-keepalive timeouts, and obeys the caller's deadline (``workers.deadline``).
+keepalive timeouts, and obeys the caller's deadline (``workers.common.deadline``).
 """
 
 from __future__ import annotations

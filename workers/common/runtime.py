@@ -82,7 +82,7 @@ REDIS_POOL_MAX = 1024
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """The process's pooled client (plain or Sentinel, see ``workers.redisconn``)."""
+    """The process's pooled client (plain or Sentinel, see ``workers.common.redisconn``)."""
     return _redis_client(settings, max_connections=REDIS_POOL_MAX)
 
 
