@@ -225,7 +225,7 @@ class BenchCluster:
             hostname = f"{name}@{socket.gethostname()}"
             self.spawn(name, ["-m", "celery", "-A", "bench.celery_bench", "worker", "-c", str(concurrency),
                               "-P", "prefork", "-n", hostname, "--without-gossip", "--without-mingle",
-                              "--without-heartbeat", "-Q", "credbroker", "--loglevel=WARNING"])
+                              "--without-heartbeat", "-Q", "credbroker,credbroker.refresh", "--loglevel=WARNING"])
             names.append(name)
         for name in names:
             ready = self.workdir / f"{name}@{socket.gethostname()}"

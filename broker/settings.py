@@ -73,6 +73,11 @@ class Settings:
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
     state_ttl_seconds: int = 600
+    # Capacity and per-server protection (workers/upstream_guard.py, the beat's scan budget).
+    worker_slots: int = 8  # the cluster's worker slots (sum of --concurrency), an estimate
+    server_max_concurrency: int = 0  # per server; 0 = half of worker_slots, at least 1
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 30.0
     # Operations.
     log_level: str = "INFO"
     flower_basic_auth: Secret | None = None
@@ -118,6 +123,10 @@ SETTING_NAMES: dict[str, str] = {
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
+    "WORKER_SLOTS": "worker_slots",
+    "SERVER_MAX_CONCURRENCY": "server_max_concurrency",
+    "BREAKER_FAILURES": "breaker_failures",
+    "BREAKER_COOLDOWN_SECONDS": "breaker_cooldown_seconds",
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",
     "STATE_DIR": "state_dir",

@@ -3,6 +3,13 @@
 Late acks with prefetch 1, so a task whose worker dies is redelivered; a
 visibility timeout well above the task time limit, so a running task is never
 redelivered while it is still alive; short-lived JSON results.
+
+Two queues: ``QUEUE`` for interactive resolves (and the small beat
+housekeeping tasks), ``REFRESH_QUEUE`` for the beat's proactive refreshes. A
+worker consuming both asks Redis for them in sorted name order on every fetch
+(``queue_order_strategy: sorted``; kombu's default round-robin would take a
+refresh every other fetch), so a resolve waits for at most one free slot,
+never behind the refresh backlog. ``QUEUE`` must sort first.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ from celery import Celery
 
 from broker.settings import Settings, load_settings
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE",
+           "REFRESH_QUEUE", "QUEUES"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
 QUEUE = "credbroker"
+REFRESH_QUEUE = QUEUE + ".refresh"
+# What a worker consumes by default, in the order it serves them.
+QUEUES = (QUEUE, REFRESH_QUEUE)
 RESULT_EXPIRES_SECONDS = 300
 
 
@@ -39,10 +50,11 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
-        broker_transport_options={"visibility_timeout": int(limit * 2 + 60)},
+        broker_transport_options={"visibility_timeout": int(limit * 2 + 60), "queue_order_strategy": "sorted"},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
+        task_routes={TASK_REFRESH: {"queue": REFRESH_QUEUE}},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -35,6 +35,7 @@ from .auditstream import StreamAuditSink
 from .constants import PENDING_CONNECT_PREFIX, pair_id
 from .flight import Claims
 from .metrics import cluster_incr
+from .upstream_guard import GuardedOAuth, GuardLimits, ServerGuard
 
 __all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
 
@@ -59,6 +60,7 @@ class Runtime:
     clock: Clock
     http: httpx.Client
     heartbeat_claims: Claims
+    guard: ServerGuard | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -99,8 +101,10 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, sealer), audit, clock,
                               settings.callback_url, settings.state_ttl_seconds)
     policy = load_policy(settings.policy)
+    # Flights call providers through the per-server limiter and breaker.
+    guard = ServerGuard(client, GuardLimits.from_settings(settings), clock)
     resolver = Resolver(
-        servers, store, oauth, audit, clock, policy=policy,
+        servers, store, GuardedOAuth(oauth, guard), audit, clock, policy=policy,
         connect_url=pending_connect_url(client, sealer, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
     )
@@ -108,7 +112,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     # stalled extension is noticed well before the claim could expire.
     heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
     return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
-                   policy, clock, http, Claims(heartbeat))
+                   policy, clock, http, Claims(heartbeat), guard)
 
 
 def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: ConnectFlow,
