@@ -90,12 +90,13 @@ redis.call('expire', KEYS[1], tonumber(ARGV[5]))
 return state
 """
 
-# KEYS[1] in-flight set. ARGV: now_ms, expiry_ms, limit, token. 1 = slot taken.
+# KEYS[1] in-flight set. ARGV: now_ms, expiry_ms, limit, token, call_ms. 1 = slot taken.
+# Scores use the callers' clock; the key's own TTL (Redis's clock) only cleans up.
 _TAKE_SLOT = """
 redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
 if redis.call('zcard', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('zadd', KEYS[1], ARGV[2], ARGV[4])
-redis.call('pexpireat', KEYS[1], ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[5])
 return 1
 """
 
@@ -171,9 +172,9 @@ class ServerGuard:
     def take_slot(self, server_key: str) -> str | None:
         """A token for one in-flight call, or None when the server is at its limit."""
         token = uuid.uuid4().hex
-        expiry = self._now_ms() + self._call_ms
-        if self._take(keys=[LIMIT_PREFIX + server_key], args=[self._now_ms(), expiry,
-                                                              self.limits.max_concurrency, token]):
+        now = self._now_ms()
+        if self._take(keys=[LIMIT_PREFIX + server_key], args=[now, now + self._call_ms,
+                                                              self.limits.max_concurrency, token, self._call_ms]):
             return token
         return None
 
