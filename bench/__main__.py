@@ -70,7 +70,7 @@ FULL = Sizes(reps=3, loop_reps=5, loop_seconds=0.8, workers=2, concurrency=4, mi
 SMOKE = Sizes(reps=3, loop_reps=3, loop_seconds=0.2, workers=2, concurrency=2, miss_pairs=12, miss_threads=8,
               noop_count=24, burst_callers=40, burst_processes=2, scan_sizes=(1_000, 2_000, 5_000),
               scan_due=100, scan_runs=3, refresh_users=20, refresh_seconds=10, refresh_lifetime=10,
-              iso_pairs=8, iso_due=50, backlog_pairs=8, backlog_queued=300)
+              iso_pairs=7, iso_due=50, backlog_pairs=8, backlog_queued=300)
 
 # Short credentials in row 6 need a short refresh rhythm; the other rows use
 # 1-hour credentials, which these settings do not touch.
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         run_backlog(cluster, client, report, pool[:2 * sizes.backlog_pairs], queued=sizes.backlog_queued, threads=4)
 
         timer.row("row 8: isolation from a hung server")
-        run_isolation(cluster, client, report, hung, pool[:4 * sizes.iso_pairs], due=sizes.iso_due, threads=4)
+        run_isolation(cluster, client, report, hung, pool[:5 * sizes.iso_pairs], due=sizes.iso_due, threads=4)
         hung.stop()  # its connections close: the hung calls end at once
 
         timer.row("row 7: memory, then shutdown")

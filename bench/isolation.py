@@ -8,6 +8,12 @@ resolve it at once (the issue's reproduction). Meanwhile a healthy server
 for renewals (a resolve of a stored credential past its refresh point, not
 cached). Both are timed the same way without the hung load first; the row
 reports each p99 as a ratio to that baseline.
+
+The timed phase starts once the hung server holds its share of the slots and
+has hung for ``SETTLE_SECONDS`` (the server is hung, not just becoming so);
+the onset is reported apart: during it, calls for the hung server still wait
+up to a second for a slot (``workers.upstream_guard.FLOW_SECONDS``), so a
+probe thread resolving the healthy server then shows the worst a caller sees.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = ["run_isolation", "SERVER", "HUNG_SERVER", "put_due"]
 SERVER = "iso"
 HUNG_SERVER = "hung"
 HUNG_CALLERS = 6
+SETTLE_SECONDS = 2.0
 
 
 def put_due(cluster: Any, server: str, users: list[str], *, used: bool, refresh_token: bool = False) -> None:
@@ -63,8 +70,8 @@ def _circuit(cluster: Any) -> str:
 
 def run_isolation(cluster: Any, client: Any, report: Report, hung: HungServer, users: list[str], *, due: int,
                   threads: int, latency_ms: int = 20) -> None:
-    n = len(users) // 4
-    groups = [users[i * n:(i + 1) * n] for i in range(4)]
+    n = len(users) // 5
+    groups = [users[i * n:(i + 1) * n] for i in range(5)]
     cluster.sandbox.set_latency(latency_ms)
     put_due(cluster, SERVER, groups[1] + groups[3], used=False)  # not used: the beat leaves them to resolves
     cluster.start_beat()
@@ -85,9 +92,24 @@ def run_isolation(cluster: Any, client: Any, report: Report, hung: HungServer, u
                    for i in range(HUNG_CALLERS)]
         for t in callers:
             t.start()
+        onset: list[float] = []
+        probe_users = iter(groups[4])
+
+        def probe(until: float) -> None:
+            for u in probe_users:
+                if time.monotonic() >= until:
+                    return
+                t0 = time.perf_counter()
+                client.resolve(u, SERVER, timeout=60)
+                onset.append(time.perf_counter() - t0)
+
+        share = cluster.settings.server_max_concurrency or max(1, cluster.settings.worker_slots // 2)
         deadline = time.monotonic() + 20
-        while hung.accepted < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while hung.accepted < share and time.monotonic() < deadline:
+            time.sleep(0.02)
+        settled = time.monotonic() + SETTLE_SECONDS
+        probe(settled)
+        time.sleep(max(0.0, settled - time.monotonic()))
         accepted_at_start = hung.accepted
         loaded = _measure(client, groups[2], groups[3], threads)
         circuit = _circuit(cluster)
@@ -101,8 +123,11 @@ def run_isolation(cluster: Any, client: Any, report: Report, hung: HungServer, u
                    "≤ 2x", ratios[i] <= 2.0)
     refusals = sum(float(line.split()[-1]) for line in render_cluster(cluster.redis).splitlines()
                    if line.startswith("credbroker_server_refusals_total") and f'server="{HUNG_SERVER}"' in line)
+    worst = f"{ms(max(onset))} (of {len(onset)})" if onset else "n/a"
     report.note(f"Row 8: {len(groups[0])} cold resolves and {len(groups[1])} renewals per phase from {threads} "
-                f"threads, provider latency {latency_ms} ms; p50 {ms(base[0].p50)} -> {ms(loaded[0].p50)} "
+                f"threads, provider latency {latency_ms} ms, timed from {SETTLE_SECONDS:g} s after the hung server "
+                f"held its {share} slots; the slowest healthy resolve of a probe thread during those first "
+                f"{SETTLE_SECONDS:g} s: {worst}; p50 {ms(base[0].p50)} -> {ms(loaded[0].p50)} "
                 f"(resolves), {ms(base[1].p50)} -> {ms(loaded[1].p50)} (renewals). Hung server: {due:,} due "
                 f"credentials, {HUNG_CALLERS} concurrent resolves, beat on; {accepted_at_start} connections "
                 f"hanging when the measurement began, {hung.accepted} by its end; {refusals:,.0f} calls refused "

@@ -108,19 +108,20 @@ class SendPlan:
     """What one scan sends: the pairs in order, and why the rest waits."""
 
     pairs: list[tuple[str, str]]
-    skipped_open: int
+    skipped_open: int  # of blocked servers
     over_budget: int
 
 
-def plan_sends(due: Iterable[tuple[str, str]], budget: int, circuit_open: Callable[[str], bool]) -> SendPlan:
-    """The due pairs this scan sends: none of a server whose circuit is open
-    (its calls would be refused), at most ``budget`` in all, oldest first."""
+def plan_sends(due: Iterable[tuple[str, str]], budget: int, blocked: Callable[[str], bool]) -> SendPlan:
+    """The due pairs this scan sends: none of a blocked server (circuit open,
+    or at its limit and hung: its calls would be refused), at most ``budget``
+    in all, oldest first."""
     pairs: list[tuple[str, str]] = []
     skipped = over = 0
     open_cache: dict[str, bool] = {}
     for user_id, server_key in due:
         if server_key not in open_cache:
-            open_cache[server_key] = circuit_open(server_key)
+            open_cache[server_key] = blocked(server_key)
         if open_cache[server_key]:
             skipped += 1
         elif len(pairs) >= budget:

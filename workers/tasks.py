@@ -24,6 +24,7 @@ from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
 from .refresh_scan import ScanLock, count_refresh_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from .runtime import Runtime, runtime
+from .upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
 from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
 __all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
@@ -76,6 +77,8 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
             raise StoreDisabled()
     except BrokerError as exc:
         return {"error": exc.to_dict()}
+    # A proactive refresh has a valid credential to fall back on: it waits less for a server slot.
+    slot_wait.set(REFRESH_MAX_WAIT_SECONDS if trigger == "refresh" else MAX_WAIT_SECONDS)
     guard = FlightGuard(rt.heartbeat_claims, flight_key(user_id, server.key), task_id)
     if not guard.enter():
         # A redelivered or superseded task: another flight owns the pair now.
@@ -168,7 +171,7 @@ def _scan(rt: Runtime, lock: ScanLock) -> dict[str, Any]:
     queued = rt.redis.llen(REFRESH_QUEUE)
     budget = scan_budget(s.worker_slots, take_started(rt.redis), queued)
     guard = rt.guard
-    plan = plan_sends(due, budget, (lambda k: guard.is_open(k)) if guard is not None else (lambda k: False))
+    plan = plan_sends(due, budget, (lambda k: guard.blocked(k)) if guard is not None else (lambda k: False))
     expires = refresh_expires_seconds(s.refresh_scan_seconds)
     # The claim outlives the queued task by a margin: it never lapses while the
     # task may still run. A running task's heartbeat takes over its lifetime.

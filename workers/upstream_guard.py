@@ -17,12 +17,20 @@ Any answer that shows the server alive (success, or a permanent error such as
 ``invalid_grant``) closes it.
 
 Limiter: a Redis sorted set of in-flight call tokens scored by their expiry;
-a worker killed mid-call frees its slot when the token's expiry passes.
+a worker killed mid-call frees its slot when the token's expiry passes. A
+call that finds the server at its limit waits for a slot only while the
+server is moving (its youngest call started less than ``FLOW_SECONDS`` ago),
+at most ``MAX_WAIT_SECONDS`` (``REFRESH_MAX_WAIT_SECONDS`` for a proactive
+refresh, which has a still-valid credential to fall back on); a server whose
+calls all hang is refused at once, so its callers cannot hold every worker
+slot while they wait.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,7 +50,8 @@ from .constants import PREFIX
 from .metrics import cluster_incr, cluster_set
 
 __all__ = ["BREAKER_PREFIX", "LIMIT_PREFIX", "GuardLimits", "ServerGuard", "GuardedOAuth", "UpstreamRefused",
-           "ServerStatus", "CLOSED", "OPEN", "HALF_OPEN"]
+           "ServerStatus", "CLOSED", "OPEN", "HALF_OPEN", "FLOW_SECONDS", "MAX_WAIT_SECONDS",
+           "REFRESH_MAX_WAIT_SECONDS", "slot_wait"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,16 @@ BREAKER_PREFIX = PREFIX + "breaker:"
 LIMIT_PREFIX = PREFIX + "inflight:"
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+# A server at its limit whose youngest call started longer ago than this is
+# not moving: callers are refused instead of waiting for a slot.
+FLOW_SECONDS = 1.0
+# Longest a flight waits for a slot of a moving server.
+MAX_WAIT_SECONDS = 5.0
+REFRESH_MAX_WAIT_SECONDS = 0.25
+_POLL_SECONDS = 0.02
+
+# How long the current flight may wait for a slot (set per flight by the task).
+slot_wait: contextvars.ContextVar[float] = contextvars.ContextVar("slot_wait", default=MAX_WAIT_SECONDS)
 _STATE_GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 
 # KEYS[1] breaker hash. ARGV: now_ms, probe_ms. Returns {verdict, ms_left}:
@@ -178,13 +197,30 @@ class ServerGuard:
             return token
         return None
 
+    def moving(self, server_key: str) -> bool:
+        """Its youngest in-flight call started within FLOW_SECONDS (or none is in flight)."""
+        youngest = self.client.zrange(LIMIT_PREFIX + server_key, -1, -1, withscores=True)
+        if not youngest:
+            return True
+        started_ms = youngest[0][1] - self._call_ms
+        return self._now_ms() - started_ms < FLOW_SECONDS * 1000
+
+    def blocked(self, server_key: str) -> bool:
+        """A call now would be refused at once: circuit open, or at its limit and not moving.
+        The beat sends no refresh for such a server."""
+        if self.is_open(server_key):
+            return True
+        key = LIMIT_PREFIX + server_key
+        in_flight = self.client.zcount(key, self._now_ms(), "+inf")
+        return bool(in_flight >= self.limits.max_concurrency and not self.moving(server_key))
+
     def release_slot(self, server_key: str, token: str) -> None:
         self.client.zrem(LIMIT_PREFIX + server_key, token)
 
     def is_open(self, server_key: str) -> bool:
-        """Open and still cooling down: a call now would be refused (the scan skips it)."""
+        """Open and cooling down, or half-open with its probe running: a call now is refused."""
         raw = self.client.hmget(BREAKER_PREFIX + server_key, ["state", "open_until"])
-        return raw[0] == b"open" and int(raw[1] or 0) > self._now_ms()
+        return raw[0] in (b"open", b"half_open") and int(raw[1] or 0) > self._now_ms()
 
     def status(self, server_key: str) -> ServerStatus:
         raw = self.client.hmget(BREAKER_PREFIX + server_key, ["state", "failures", "open_until", "opened"])
@@ -229,7 +265,7 @@ class GuardedOAuth:
     def _admitted(self, server: ServerConfig) -> Iterator[None]:
         try:
             verdict, left = self.guard.allow(server.key)
-            token = self.guard.take_slot(server.key) if verdict else None
+            token = self._wait_for_slot(server) if verdict else None
         except redis.RedisError:
             # The guard protects capacity, not correctness: without Redis, call.
             log.warning("server guard unavailable for server %s: calling unguarded", server.name)
@@ -253,6 +289,14 @@ class GuardedOAuth:
                 self.guard.release_slot(server.key, token)
             except redis.RedisError:
                 pass  # the token's expiry frees the slot
+
+    def _wait_for_slot(self, server: ServerConfig) -> str | None:
+        deadline = time.monotonic() + slot_wait.get()
+        while True:
+            token = self.guard.take_slot(server.key)
+            if token is not None or time.monotonic() >= deadline or not self.guard.moving(server.key):
+                return token
+            time.sleep(_POLL_SECONDS)
 
     def _give_back_probe(self, server: ServerConfig) -> None:
         # We became the probe but cannot call: let the next caller probe at once.

@@ -6,6 +6,8 @@ flushes, so runs sharing the unit tests' Redis database do not meet.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -20,7 +22,7 @@ from broker.servers import ServerConfig, parse_servers
 from tests.cluster import redis_available
 from tests.conftest import REDIS_TEST_URL, missing_service
 from workers.upstream_guard import (
-    CLOSED, HALF_OPEN, OPEN, GuardedOAuth, GuardLimits, ServerGuard, UpstreamRefused,
+    CLOSED, FLOW_SECONDS, HALF_OPEN, OPEN, GuardedOAuth, GuardLimits, ServerGuard, UpstreamRefused, slot_wait,
 )
 
 pytestmark = pytest.mark.integration
@@ -151,15 +153,37 @@ def test_guarded_port_refuses_without_calling_and_counts_only_transient_failures
     assert guard.status(server.key).state == CLOSED
 
 
-def test_guarded_port_refuses_when_the_server_is_at_its_limit(client: redis.Redis) -> None:
-    guard = ServerGuard(client, LIMITS, FakeClock())
+def test_at_its_limit_a_moving_server_is_waited_for_and_a_stuck_one_refused(client: redis.Redis) -> None:
+    clock = FakeClock()
+    guard = ServerGuard(client, LIMITS, clock)
     server = a_server()
     provider = Provider()
     port = GuardedOAuth(provider, guard)
+    subject = Secret("cbtest-guard-subject-0123456789")
     held = [guard.take_slot(server.key), guard.take_slot(server.key)]  # two calls in flight elsewhere
+    # They just started: the call waits, and gets the slot one of them gives back.
+    threading.Timer(0.2, lambda: guard.release_slot(server.key, held[0])).start()  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    port.mint(server, subject)
+    assert provider.calls == 1 and 0.15 < time.monotonic() - t0 < 2
+    assert not guard.blocked(server.key)
+    # Both slots held by calls that started FLOW_SECONDS ago and never ended: refused at once.
+    guard.take_slot(server.key)
+    clock.advance(FLOW_SECONDS + 0.5)
+    assert guard.blocked(server.key)
+    t0 = time.monotonic()
     with pytest.raises(UpstreamRefused) as refused:
-        port.mint(server, Secret("cbtest-guard-subject-0123456789"))
-    assert refused.value.refusal == "server_busy" and provider.calls == 0
-    guard.release_slot(server.key, held[0])  # type: ignore[arg-type]
-    port.mint(server, Secret("cbtest-guard-subject-0123456789"))
-    assert provider.calls == 1
+        port.mint(server, subject)
+    assert time.monotonic() - t0 < 0.5
+    assert refused.value.refusal == "server_busy" and provider.calls == 1
+    # A moving server at its limit is waited for at most slot_wait.
+    guard.release_slot(server.key, held[1])  # type: ignore[arg-type]
+    guard.take_slot(server.key)  # full again, and this one is young
+    token = slot_wait.set(0.3)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamRefused):
+            port.mint(server, subject)
+        assert 0.25 < time.monotonic() - t0 < 1.5
+    finally:
+        slot_wait.reset(token)
