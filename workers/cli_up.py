@@ -117,6 +117,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             auth, _ = embedded.secret_file(folder / "flower-basic-auth", lambda: "admin:" + secrets.token_urlsafe(18))
             overrides[PREFIX + "FLOWER_BASIC_AUTH"] = auth
+        if not values.get(PREFIX + "WORKER_SLOTS"):
+            # One worker of --workers processes: the per-server limit and the scan budget size from it.
+            overrides[PREFIX + "WORKER_SLOTS"] = str(args.workers)
         env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1"}
         settings = load_settings(env)
 
