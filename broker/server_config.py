@@ -28,6 +28,7 @@ __all__ = [
     "check_header_format",
     "check_server_name",
     "check_env_name",
+    "parse_authorize_params",
 ]
 
 DEFAULT_HEADER = "Authorization"
@@ -38,6 +39,12 @@ MAX_NAME = 128
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # RFC 6749 §3.3 scope-token.
 _SCOPE_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+_PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9_.~-]{1,64}$")
+# Set by the broker on every authorization request; a file must not override them.
+_RESERVED_AUTHORIZE_PARAMS = frozenset(
+    {"response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method",
+     "scope", "resource"}
+)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Headers that route or frame the request: a credential written there would
@@ -177,3 +184,26 @@ def check_env_name(value: object, label: str, field: str) -> str:
     if not isinstance(value, str) or not _ENV_NAME_RE.match(value):
         raise field_error(label, field, "must be an environment variable name")
     return value
+
+
+def parse_authorize_params(value: object, label: str, field: str) -> tuple[tuple[str, str], ...]:
+    """Extra authorization-request parameters (``access_type``, ``audience``...), sorted by name.
+
+    A null value drops a parameter a provider profile would add.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise field_error(label, field, "must be a mapping of parameter names to strings")
+    params: list[tuple[str, str]] = []
+    for name, item in value.items():
+        if not isinstance(name, str) or not _PARAM_NAME_RE.match(name):
+            raise field_error(label, field, "parameter names must be letters, digits, '_', '.', '~' or '-'")
+        if name in _RESERVED_AUTHORIZE_PARAMS:
+            raise field_error(label, field, f"must not set {name!r} (the broker sets it)")
+        if item is None:
+            continue
+        if not isinstance(item, str) or not item or _CONTROL_RE.search(item):
+            raise field_error(label, f"{field}.{name}", "must be a non-empty string without control characters")
+        params.append((name, item))
+    return tuple(sorted(params))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .errors import ConfigError, UnknownServer
+from .providers import PARAM_KEYS, expand_auth_broker
 from .secret import Secret
 from .server_config import (
     DEFAULT_HEADER,
@@ -28,6 +29,7 @@ from .server_config import (
     check_url,
     field_error,
     optional_str,
+    parse_authorize_params,
     parse_scopes,
 )
 
@@ -98,6 +100,12 @@ class AuthBrokerConfig:
     # Refresh tokens that die of disuse (Google, Atlassian, Microsoft): the beat
     # renews an idle connect credential before this much time passes unused.
     refresh_token_idle_seconds: int | None = None
+    # The provider profile that filled this block (``provider: NAME``), if any.
+    provider: str | None = None
+    # Added to the authorization URL, e.g. Google's access_type=offline.
+    extra_authorize_params: tuple[tuple[str, str], ...] = ()
+    # Where the scopes go on the authorization URL (Slack: user_scope); set by a profile.
+    authorize_scope_param: str = "scope"
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,7 @@ _AUTH_FIELDS = frozenset(
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
         "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
+        "provider", "extra_authorize_params", *PARAM_KEYS,
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -215,6 +224,8 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         hints = [m for k in unknown for m in difflib.get_close_matches(k, _AUTH_FIELDS, 1)]
         hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
         raise field_error(label, "auth_broker", f"unknown field(s) {', '.join(map(repr, unknown))}{hint}")
+    provider = raw.get("provider")
+    raw = expand_auth_broker(raw, label)  # the profile's fills under the explicit keys
     mode = Mode(_choice(Mode, raw.get("mode"), label, "auth_broker.mode"))
     client_auth = ClientAuth(
         _choice(ClientAuth, raw.get("client_auth") or ClientAuth.CLIENT_SECRET_POST, label, "auth_broker.client_auth")
@@ -269,6 +280,11 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         ),
         default_lifetime_seconds=_positive_seconds(raw, "default_lifetime_seconds", label),
         refresh_token_idle_seconds=_positive_seconds(raw, "refresh_token_idle_seconds", label),
+        provider=provider,
+        extra_authorize_params=parse_authorize_params(
+            raw.get("extra_authorize_params"), label, "auth_broker.extra_authorize_params"
+        ),
+        authorize_scope_param=str(raw.get("authorize_scope_param") or "scope"),
     )
 
 

@@ -7,11 +7,13 @@ once per call, before the request, so expiries err early.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigError, NotConnected, UpstreamError
 from ..models import Credential, ObtainedVia
+from ..providers import response_adapter
 from ..secret import Secret
 from ..servers import AuthBrokerConfig, Mode, ServerConfig
 from . import forms
@@ -67,6 +69,9 @@ class OAuthClient:
         self._metadata = metadata if metadata is not None else MetadataCache()
         self._clock = clock or SystemClock()
         self._on_call = on_call
+        # Servers already warned about tokens of unknown lifetime (once each per process).
+        self._no_expiry_warned: set[str] = set()
+        self._warn_lock = threading.Lock()
 
     def endpoints(self, server: ServerConfig) -> AuthBrokerConfig:
         """The server's auth_broker config with discovered endpoints filled in."""
@@ -90,15 +95,16 @@ class OAuthClient:
         return response
 
     def _token(
-        self, req: TokenRequest, *, obtained_via: ObtainedVia, scopes: tuple[str, ...],
-        audience: str | None,
+        self, server: ServerConfig, cfg: AuthBrokerConfig, req: TokenRequest, *,
+        obtained_via: ObtainedVia, scopes: tuple[str, ...], audience: str | None,
     ) -> Credential:
         now = self._clock.now()
         try:
             status, headers, body = self._sender.send(req)
             credential = parse_token_response(
                 status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
-                now=now, audience=audience,
+                now=now, audience=audience, adapt=response_adapter(cfg.provider),
+                default_lifetime=cfg.default_lifetime_seconds,
             )
         except UpstreamError as exc:
             self._record(req.grant, exc)
@@ -106,7 +112,19 @@ class OAuthClient:
                         req.host, req.grant, exc.status, exc.oauth_error)
             raise
         self._record(req.grant, None)
+        if credential.expires_at is None:
+            self._warn_no_expiry(server)
         return credential
+
+    def _warn_no_expiry(self, server: ServerConfig) -> None:
+        # Kept as "no expiry" (today's behaviour), but never silently: the
+        # operator should set default_lifetime_seconds for this server.
+        with self._warn_lock:
+            if server.key in self._no_expiry_warned:
+                return
+            self._no_expiry_warned.add(server.key)
+        log.warning("server=%s: token response has no expires_in and the token no readable expiry; "
+                    "treated as never expiring (set auth_broker.default_lifetime_seconds)", server.name)
 
     def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
         """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
@@ -117,14 +135,15 @@ class OAuthClient:
             req, via = forms.obo_request(cfg, subject_token), ObtainedVia.ENTRA_OBO
         else:
             raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
-        return self._token(req, obtained_via=via, scopes=cfg.scopes, audience=cfg.audience or cfg.resource)
+        return self._token(server, cfg, req, obtained_via=via, scopes=cfg.scopes,
+                           audience=cfg.audience or cfg.resource)
 
     def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
         """Exchange a connect-flow authorization code (with its PKCE verifier)."""
         cfg = self.endpoints(server)
         req = forms.authorization_code_request(cfg, code, verifier, redirect_uri)
         return self._token(
-            req, obtained_via=ObtainedVia.CONNECT_FLOW, scopes=cfg.scopes,
+            server, cfg, req, obtained_via=ObtainedVia.CONNECT_FLOW, scopes=cfg.scopes,
             audience=cfg.audience or cfg.resource,
         )
 
@@ -144,7 +163,7 @@ class OAuthClient:
         sent_scope = "scope" in req.form
         scopes = cfg.scopes if sent_scope else (credential.scopes or cfg.scopes)
         renewed = self._token(
-            req, obtained_via=credential.obtained_via, scopes=scopes,
+            server, cfg, req, obtained_via=credential.obtained_via, scopes=scopes,
             audience=credential.audience or cfg.audience or cfg.resource,
         )
         if renewed.refresh_token is None:

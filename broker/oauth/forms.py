@@ -202,7 +202,7 @@ def authorize_url(cfg: AuthBrokerConfig, state: str, challenge: str, redirect_ur
     """The URL the user's browser opens to consent (authorization code + PKCE S256).
 
     Keeps any query the configured endpoint already has (some servers put a
-    tenant or policy there).
+    tenant or policy there), and adds the server's ``extra_authorize_params``.
     """
     endpoint = _require(cfg.authorization_endpoint, "authorization_endpoint")
     params = {"response_type": "code", "client_id": _require(cfg.client_id, "client_id")}
@@ -213,9 +213,12 @@ def authorize_url(cfg: AuthBrokerConfig, state: str, challenge: str, redirect_ur
         code_challenge_method="S256",
     )
     if cfg.scopes:
-        params["scope"] = " ".join(cfg.scopes)
+        params[cfg.authorize_scope_param] = " ".join(cfg.scopes)
     if cfg.resource:
         params["resource"] = cfg.resource
+    # Provider extras (Google's access_type=offline, Atlassian's audience);
+    # the parser refuses names the broker sets itself.
+    params.update(cfg.extra_authorize_params)
     parts = urlsplit(endpoint)
     query = urlencode(params, quote_via=quote)
     query = f"{parts.query}&{query}" if parts.query else query

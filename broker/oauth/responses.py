@@ -12,7 +12,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -172,11 +172,16 @@ def parse_token_response(
     requested_scopes: Iterable[str] = (),
     now: datetime,
     audience: str | None = None,
+    adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    default_lifetime: int | None = None,
 ) -> Credential:
     """Turn a token-endpoint response into a Credential, or raise UpstreamError.
 
     ``now`` should be read before the request was sent, so the computed
-    expiry errs early rather than late.
+    expiry errs early rather than late. ``adapt`` (a provider profile's)
+    rewrites the parsed JSON into RFC 6749 shape first. The expiry is
+    ``expires_in``, else the access token's own JWT ``exp``, else
+    ``default_lifetime`` seconds, else None (no expiry known).
     """
     if not 200 <= status < 300:
         raise parse_error_response(status, headers, body, now=now)
@@ -185,6 +190,8 @@ def parse_token_response(
         raise _malformed("malformed JSON", status)
     if not isinstance(data, dict):
         raise _malformed("a JSON response that is not an object", status)
+    if adapt is not None:
+        data = adapt(data)
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         code = data.get("error")
@@ -203,6 +210,8 @@ def parse_token_response(
         expires_at: datetime | None = now + timedelta(seconds=_expires_in(data["expires_in"], status))
     else:
         expires_at = jwt_expiry(access_token)
+        if expires_at is None and default_lifetime is not None:
+            expires_at = now + timedelta(seconds=default_lifetime)
 
     refresh_token = data.get("refresh_token")
     if refresh_token is not None and not isinstance(refresh_token, str):

@@ -15,6 +15,7 @@ from .app import create_app
 from .errors import OAuthError
 from .faults import ENDPOINTS, FAULT_MODES
 from .grants import ACCESS_TOKEN_TYPE, JWT_BEARER, JWT_TOKEN_TYPE, TOKEN_EXCHANGE, s256
+from .profiles import SANDBOX_PROFILES
 from .server import SandboxHandle, run_sandbox
 from .state import DEFAULT_CLIENTS, GRANT_NAMES, SandboxProvider
 
@@ -28,6 +29,7 @@ __all__ = [
     "GRANT_NAMES",
     "ENDPOINTS",
     "FAULT_MODES",
+    "SANDBOX_PROFILES",
     "TOKEN_EXCHANGE",
     "JWT_BEARER",
     "ACCESS_TOKEN_TYPE",

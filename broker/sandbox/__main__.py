@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .profiles import SANDBOX_PROFILES
 from .server import serve_forever
 from .state import SandboxProvider
 
@@ -22,6 +23,13 @@ def _client(text: str) -> tuple[str, str | None]:
     return client_id, (secret if sep else None)
 
 
+def _client_profile(text: str) -> tuple[str, str]:
+    client_id, _, profile = text.partition("=")
+    if not client_id or profile not in SANDBOX_PROFILES:
+        raise argparse.ArgumentTypeError(f"expected ID=PROFILE, PROFILE one of {', '.join(SANDBOX_PROFILES)}")
+    return client_id, profile
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker.sandbox", description="Sandbox OAuth authorization server.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -32,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clock-skew", type=int, default=0, metavar="N", help="seconds added to issued iat/exp")
     parser.add_argument("--client", type=_client, action="append", metavar="ID[:SECRET]",
                         help="register a client (repeatable); replaces the default clients")
+    parser.add_argument("--client-profile", type=_client_profile, action="append", metavar="ID=PROFILE",
+                        help="serve a client as that provider does (github, slack, google...); repeatable")
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -44,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         rotate_refresh_tokens=not args.no_rotate,
         clock_skew=args.clock_skew,
         latency_ms={"token": args.latency_ms} if args.latency_ms > 0 else None,
+        client_profiles=dict(args.client_profile) if args.client_profile else None,
     )
     try:
         serve_forever(provider, args.host, args.port, announce=lambda url: print(url, flush=True),

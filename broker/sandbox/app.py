@@ -25,6 +25,7 @@ from .clientauth import ClientCredentials, authenticate, extract_client
 from .errors import OAuthError
 from .faults import fault_response, hang
 from .grants import JWT_BEARER, TOKEN_EXCHANGE, handle_token_request
+from .profiles import shape_error, shape_success
 from .revocation import introspect, revoke
 from .state import SandboxProvider
 
@@ -129,11 +130,19 @@ def create_app(provider: SandboxProvider) -> Starlette:
         front = await _front(provider, request, "token")
         if front.response is not None:
             return front.response
+        client_id = front.client.client_id if isinstance(front.client, ClientCredentials) else None
+        behaviour = provider.behaviour(client_id or front.form.get("client_id"))
         try:
             body = handle_token_request(provider, front.presented(), front.form)
         except OAuthError as err:
+            shaped = shape_error(behaviour, err, _NO_STORE)
+            if shaped is not None:
+                provider.count_error(err.error)
+                return shaped
             return _oauth_error(provider, err)
-        return JSONResponse(body, headers=_NO_STORE)
+        if behaviour.opaque_access_tokens:
+            body["access_token"] = provider.opaque_for(body["access_token"])
+        return JSONResponse(shape_success(behaviour, body, str(front.form.get("grant_type"))), headers=_NO_STORE)
 
     async def authorize_endpoint(request: Request) -> Response:
         front = await _front(provider, request, "authorize")

@@ -13,6 +13,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from .profiles import authorize_problem, issues_refresh_token
 from .state import SandboxProvider
 
 __all__ = ["DEFAULT_USER", "authorize"]
@@ -20,7 +21,7 @@ __all__ = ["DEFAULT_USER", "authorize"]
 DEFAULT_USER = "sandbox-user"
 # The request parameters a consent form must carry through to its POST.
 _CARRIED = ("response_type", "client_id", "redirect_uri", "state", "code_challenge",
-            "code_challenge_method", "scope", "resource")
+            "code_challenge_method", "scope", "resource", "user_scope", "access_type", "prompt", "audience")
 
 
 def _redirect(redirect_uri: str, params: dict[str, str]) -> RedirectResponse:
@@ -80,20 +81,26 @@ def authorize(provider: SandboxProvider, params: Mapping[str, str], resources: l
         return error("unsupported_response_type", "only response_type=code")
     if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
         return error("invalid_request", "PKCE with code_challenge_method=S256 is required")
+    behaviour = provider.behaviour(client_id)
+    problem = authorize_problem(behaviour, params)
+    if problem:
+        return error("invalid_request", problem)
     consent = params.get("consent")
     if consent == "deny":
         return error("access_denied", "the user denied consent")
     if consent != "approve":
         return _consent_page(params)
     user = params.get("user") or params.get("login_hint") or DEFAULT_USER
+    scope = provider.grant_scope(params.get(behaviour.authorize_scope_param, ""))
     with provider.lock:
         code = provider.store.new_code(
             provider.now(),
             client_id=client_id,
             redirect_uri=redirect_uri,
             code_challenge=params["code_challenge"],
-            scope=params.get("scope", ""),
+            scope=scope,
             user=user,
             resource=resources,
+            offline=issues_refresh_token(behaviour, params, scope),
         )
     return _redirect(redirect_uri, {"code": code.code, **state})

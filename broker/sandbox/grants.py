@@ -78,11 +78,11 @@ def _resources(form: Form) -> list[str]:
     return resources
 
 
-def _bearer(provider: SandboxProvider, access_token: str, scope: str) -> dict[str, Any]:
+def _bearer(provider: SandboxProvider, access_token: str, scope: str, client_id: str = "") -> dict[str, Any]:
     return {
         "access_token": access_token,
         "token_type": "Bearer",
-        "expires_in": provider.access_token_ttl,
+        "expires_in": provider.ttl_for(client_id),
         "scope": scope,
     }
 
@@ -100,7 +100,7 @@ def _token_exchange(provider: SandboxProvider, client_id: str, form: Form) -> di
     scope = str(form.get("scope") or "")
     token = provider.mint_access_token(sub=claims["sub"], aud=aud, scope=scope, client_id=client_id)
     provider.count_grant("token_exchange", claims["sub"])
-    return {**_bearer(provider, token, scope), "issued_token_type": requested}
+    return {**_bearer(provider, token, scope, client_id), "issued_token_type": requested}
 
 
 def _obo_audience(scope: str, client_id: str) -> list[str]:
@@ -120,7 +120,7 @@ def _on_behalf_of(provider: SandboxProvider, client_id: str, form: Form) -> dict
     aud = _obo_audience(scope, client_id)
     token = provider.mint_access_token(sub=claims["sub"], aud=aud, scope=scope, client_id=client_id)
     provider.count_grant("obo", claims["sub"])
-    return _bearer(provider, token, scope)
+    return _bearer(provider, token, scope, client_id)
 
 
 def _authorization_code(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
@@ -146,12 +146,14 @@ def _authorization_code(provider: SandboxProvider, client_id: str, form: Form) -
     aud = _resources(form) or record.resource or [client_id]
     family = store.new_family(client_id=client_id, sub=record.user, scope=record.scope, aud=aud)
     record.family_id = family.family_id
-    refresh = store.new_refresh(family)
     token = provider.mint_access_token(
         sub=record.user, aud=aud, scope=record.scope, client_id=client_id, family_id=family.family_id
     )
     provider.count_grant("authorization_code", record.user)
-    return {**_bearer(provider, token, record.scope), "refresh_token": refresh.token}
+    body = _bearer(provider, token, record.scope, client_id)
+    if record.offline:  # a profile may withhold it (no offline_access, no access_type=offline)
+        body["refresh_token"] = store.new_refresh(family).token
+    return body
 
 
 def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
@@ -164,17 +166,21 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         raise OAuthError("invalid_grant", "refresh token was issued to another client")
     if family.revoked:
         raise OAuthError("invalid_grant", "refresh token revoked")
-    rotation = provider.rotate_refresh_tokens
+    behaviour = provider.behaviour(client_id)
+    rotation = provider.rotate_refresh_tokens if behaviour.rotate is None else behaviour.rotate
+    grace = provider.refresh_reuse_grace if behaviour.reuse_grace is None else behaviour.reuse_grace
     if rotation and record.used:
         # Auth0's "reuse interval" / Okta's grace period: a client that lost the
         # response to a rotation may present the old token again, briefly.
-        if provider.clock() - record.used_at <= provider.refresh_reuse_grace:
+        if provider.clock() - record.used_at <= grace:
             provider.count_grace_reuse()
         else:
             store.revoke_family(family.family_id)
             provider.count_reuse()
             raise OAuthError("invalid_grant", "refresh token reuse detected; token family revoked")
     scope = family.scope
+    if behaviour.refresh_requires_scope and not form.get("scope"):
+        raise OAuthError("invalid_request", "scope is required on refresh")  # as Entra v2 documents it
     if form.get("scope"):
         requested = str(form["scope"])
         if not set(requested.split()) <= set(family.scope.split()):
@@ -183,7 +189,7 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
     token = provider.mint_access_token(
         sub=family.sub, aud=family.aud, scope=scope, client_id=client_id, family_id=family.family_id
     )
-    body = _bearer(provider, token, scope)
+    body = _bearer(provider, token, scope, client_id)
     if rotation:
         if not record.used:
             record.used = True

@@ -22,6 +22,7 @@ def revoke(provider: SandboxProvider, client_id: str, token: str) -> bool:
     """
     with provider.lock:
         store = provider.store
+        token = store.opaque.get(token, token)  # an opaque access token stands for a signed one
         record = store.refresh.get(token)
         if record is not None:
             family = store.families[record.family_id]
@@ -45,11 +46,14 @@ def introspect(provider: SandboxProvider, token: str) -> dict[str, Any]:
     """``{"active": bool}`` plus a few claims for an active token."""
     with provider.lock:
         store = provider.store
+        token = store.opaque.get(token, token)
         record = store.refresh.get(token)
         if record is not None:
-            if not store.refresh_active(token, rotation=provider.rotate_refresh_tokens):
-                return {"active": False}
             family = store.families[record.family_id]
+            rotate = provider.behaviour(family.client_id).rotate
+            rotation = provider.rotate_refresh_tokens if rotate is None else rotate
+            if not store.refresh_active(token, rotation=rotation):
+                return {"active": False}
             return {
                 "active": True,
                 "token_type": "refresh_token",

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import jwt
 from .faults import ENDPOINTS, FAULT_MODES, Fault
+from .profiles import ProfileBehaviour, behaviour_for, check_profile_name
 from .store import TokenStore
 
 __all__ = ["SandboxProvider", "DEFAULT_CLIENTS", "GRANT_NAMES"]
@@ -25,7 +26,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
     "public-client": None,
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
-_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace")
+_CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
+                 "client_profiles", "grantable_scopes")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -41,6 +43,8 @@ class SandboxProvider:
         rotate_refresh_tokens: bool = True,
         clock_skew: int = 0,
         refresh_reuse_grace: float = 0.0,
+        client_profiles: dict[str, str] | None = None,
+        grantable_scopes: list[str] | None = None,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -56,6 +60,10 @@ class SandboxProvider:
             "rotate_refresh_tokens": rotate_refresh_tokens,
             "clock_skew": clock_skew,
             "refresh_reuse_grace": refresh_reuse_grace,
+            # client_id -> sandbox profile name (see ``profiles``): that provider's behaviour.
+            "client_profiles": {k: check_profile_name(v) for k, v in (client_profiles or {}).items()},
+            # None: consent grants every requested scope; else only these (a narrowed grant).
+            "grantable_scopes": None if grantable_scopes is None else list(grantable_scopes),
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -66,12 +74,15 @@ class SandboxProvider:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.clock_skew = clock_skew
         self.refresh_reuse_grace = refresh_reuse_grace
+        self.client_profiles: dict[str, str] = {}
+        self.grantable_scopes: list[str] | None = None
         self.reset()
 
     # -- configuration -----------------------------------------------------
 
     def configure(self, **kwargs: Any) -> None:
-        """Change ``access_token_ttl``, ``rotate_refresh_tokens``, ``clock_skew`` or ``clients`` live."""
+        """Change ``access_token_ttl``, ``rotate_refresh_tokens``, ``clock_skew``, ``clients``,
+        ``refresh_reuse_grace``, ``client_profiles`` or ``grantable_scopes`` live."""
         unknown = set(kwargs) - set(_CONFIGURABLE)
         if unknown:
             raise TypeError(f"not configurable: {', '.join(sorted(unknown))}")
@@ -79,6 +90,12 @@ class SandboxProvider:
             for name, value in kwargs.items():
                 if name == "clients":
                     value = dict(value)
+                elif name == "client_profiles":
+                    value = {str(k): check_profile_name(str(v)) for k, v in dict(value).items()}
+                elif name == "grantable_scopes":
+                    value = None if value is None else [str(v) for v in value]
+                elif name == "refresh_reuse_grace":
+                    value = float(value)
                 elif name == "rotate_refresh_tokens":
                     value = bool(value)
                 else:
@@ -107,6 +124,29 @@ class SandboxProvider:
             self._faults_served = 0
 
     # -- tokens ------------------------------------------------------------
+
+    def behaviour(self, client_id: str | None) -> ProfileBehaviour:
+        """The provider profile ``client_id`` is served with (plain when none)."""
+        with self.lock:
+            return behaviour_for(self.client_profiles, client_id)
+
+    def ttl_for(self, client_id: str | None) -> int:
+        ttl = self.behaviour(client_id).access_token_ttl
+        return self.access_token_ttl if ttl is None else ttl
+
+    def grant_scope(self, requested: str) -> str:
+        """The scope consent grants: the requested one, narrowed to ``grantable_scopes`` if set."""
+        with self.lock:
+            if self.grantable_scopes is None:
+                return requested
+            return " ".join(s for s in requested.split() if s in self.grantable_scopes)
+
+    def opaque_for(self, access_token: str) -> str:
+        """An opaque stand-in for a signed access token (providers whose tokens are not JWTs)."""
+        with self.lock:
+            opaque = "sbx_at_" + secrets.token_urlsafe(32)
+            self.store.opaque[opaque] = access_token
+            return opaque
 
     def now(self) -> float:
         return self.clock()
@@ -137,6 +177,7 @@ class SandboxProvider:
         """An upstream access token; ``clock_skew`` shifts its ``iat`` and ``exp``."""
         with self.lock:
             issued = int(self.now()) + self.clock_skew
+            ttl = self.ttl_for(client_id)
             claims: dict[str, Any] = {
                 "iss": self._issuer(),
                 "sub": sub,
@@ -144,7 +185,7 @@ class SandboxProvider:
                 "scope": scope,
                 "client_id": client_id,
                 "iat": issued,
-                "exp": issued + self.access_token_ttl,
+                "exp": issued + ttl,
                 "jti": secrets.token_hex(16),
                 "token_use": "access",
             }

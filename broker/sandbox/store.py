@@ -30,6 +30,7 @@ class AuthCode:
     user: str
     resource: list[str]
     expires_at: float
+    offline: bool = True  # whether redeeming it earns a refresh token
     used: bool = False
     family_id: str | None = None
 
@@ -66,6 +67,8 @@ class TokenStore:
     refresh: dict[str, RefreshRecord] = field(default_factory=dict)
     families: dict[str, Family] = field(default_factory=dict)
     revoked_jtis: set[str] = field(default_factory=set)
+    # Opaque access token -> the signed one it stands for (profiles without JWTs).
+    opaque: dict[str, str] = field(default_factory=dict)
 
     def new_code(
         self,
@@ -77,6 +80,7 @@ class TokenStore:
         scope: str,
         user: str,
         resource: list[str],
+        offline: bool = True,
     ) -> AuthCode:
         """Mint a single-use code, forgetting codes long past their expiry."""
         for stale in [c for c, rec in self.codes.items() if rec.expires_at + _CODE_RETENTION < now]:
@@ -90,6 +94,7 @@ class TokenStore:
             user=user,
             resource=resource,
             expires_at=now + CODE_TTL,
+            offline=offline,
         )
         self.codes[code.code] = code
         return code

@@ -321,8 +321,10 @@ def test_refresh_with_rotation_stores_the_new_refresh_token(sandbox: SandboxHand
     assert stored.credential.obtained_via is ObtainedVia.CONNECT_FLOW
     assert stored.credential.issued_at == clock.now()
     (refresh,) = [r for r in sandbox.provider.requests("token") if r["grant_type"] == "refresh_token"]
+    # No scope on the refresh (RFC 6749 section 6): the grant keeps the scope it had.
     assert refresh["form"] == {"grant_type": "refresh_token", "refresh_token": original.refresh_token.reveal(),
-                               "scope": "repo", "client_id": "broker-client", "client_secret": client_secret}
+                               "client_id": "broker-client", "client_secret": client_secret}
+    assert stored.credential.scopes == original.scopes == ("repo",)
     assert sandbox.provider.stats()["refresh_rotations"] == 1
 
 
