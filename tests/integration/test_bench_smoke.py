@@ -1,5 +1,6 @@
 """The benchmark's smoke run: ``python -m bench --smoke`` exits 0 and prints a
-table with every row (fast path, HTTP, miss path, burst, scan, refresh, memory)."""
+table with every row (fast path, HTTP, miss path, burst, scan, refresh, memory,
+isolation from a hung server, refresh backlog)."""
 
 from __future__ import annotations
 
