@@ -2,9 +2,10 @@
 
 Budget: a scan sends at most what the workers can start before the next
 scan, so the refresh queue never holds a backlog that outlives its claims.
-Capacity is estimated from what they did start since the previous scan
-(each refresh task counts its start), doubled so the rate can grow, and
-never below ``CREDBROKER_WORKER_SLOTS``; what is still queued is subtracted.
+Capacity is estimated from the flights they did start since the previous
+scan (each resolve and refresh task counts its start: a slot that ran a
+resolve could have run a refresh), doubled so the rate can grow, and never
+below ``CREDBROKER_WORKER_SLOTS``; the refreshes still queued are subtracted.
 Due credentials left over stay due and go out with a later scan.
 
 Each refresh task carries ``expires``, and its per-pair claim lives until
@@ -26,13 +27,13 @@ import redis
 
 from .constants import PREFIX
 
-__all__ = ["ScanLock", "scan_budget", "refresh_expires_seconds", "count_refresh_start", "take_started",
+__all__ = ["ScanLock", "scan_budget", "refresh_expires_seconds", "count_flight_start", "take_started",
            "REFRESH_STARTED", "SendPlan", "plan_sends"]
 
 log = logging.getLogger(__name__)
 
-# Refresh tasks started since the last scan (INCR by each task, GETDEL by the scan).
-REFRESH_STARTED = PREFIX + "beat:refresh-started"
+# Flight tasks started since the last scan (INCR by each task, GETDEL by the scan).
+REFRESH_STARTED = PREFIX + "beat:flights-started"
 
 _EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
            "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
@@ -52,8 +53,8 @@ def scan_budget(slots: int, started_since_last: int, queued: int) -> int:
     return max(0, max(slots, 2 * started_since_last) - queued)
 
 
-def count_refresh_start(client: redis.Redis) -> None:
-    """Called by each refresh task as it starts; feeds the next scan's budget."""
+def count_flight_start(client: redis.Redis) -> None:
+    """Called by each flight task as it starts; feeds the next scan's budget."""
     try:
         client.incr(REFRESH_STARTED)
     except redis.RedisError:

@@ -22,7 +22,7 @@ from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_RE
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
-from .refresh_scan import ScanLock, count_refresh_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
+from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from .runtime import Runtime, runtime
 from .upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
 from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
@@ -120,19 +120,24 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[s
     return execute_flight(rt, task_id, user_id, server, trigger)
 
 
+def _count_start() -> None:
+    try:
+        count_flight_start(runtime().redis)
+    except Exception:  # noqa: BLE001 - _run_flight reports a broken runtime
+        pass
+
+
 @app.task(name=TASK_RESOLVE, bind=True)
 def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight."""
+    _count_start()
     return _run_flight(self.request.id, user_id, server, "resolve")
 
 
 @app.task(name=TASK_REFRESH, bind=True)
 def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
-    try:
-        count_refresh_start(runtime().redis)
-    except Exception:  # noqa: BLE001 - _run_flight reports a broken runtime
-        pass
+    _count_start()
     return _run_flight(self.request.id, user_id, server, "refresh")
 
 
