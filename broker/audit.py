@@ -21,9 +21,12 @@ from .db import audit_events as A
 from .errors import ServiceUnavailable
 
 __all__ = ["Action", "Outcome", "AuditEvent", "AuditSink", "SqlAuditLog", "MemoryAuditSink", "reason_code",
-           "record_event"]
+           "record_event", "AUDIT_MAX_LIMIT"]
 
 log = logging.getLogger(__name__)
+
+# The most events one query returns, over HTTP (`limit`) and in the CLI (`--limit`) alike.
+AUDIT_MAX_LIMIT = 1000
 
 _REASON_RE = re.compile(r"^[a-z0-9_.:]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -168,7 +171,7 @@ class SqlAuditLog:
             cond.append(A.c.id > after_id)
         stmt = select(A).where(and_(*cond)) if cond else select(A)
         order = (A.c.id.asc(),) if after_id is not None else (A.c.ts.desc(), A.c.id.desc())
-        stmt = stmt.order_by(*order).limit(max(1, min(limit, 10000)))
+        stmt = stmt.order_by(*order).limit(max(1, min(limit, AUDIT_MAX_LIMIT)))
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(stmt).all()

@@ -9,14 +9,17 @@ for the user who started the flow, tagged ``connect_flow``.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
-from .errors import BrokerError, InvalidRequest, UpstreamError
-from .models import Credential, CredentialStatus
+from .errors import BrokerError, InvalidRequest, ServiceUnavailable, UpstreamError
+from .models import Credential, CredentialStatus, StoredCredential
 from .oauth.pkce import new_state, new_verifier
 from .secret import Secret
 from .servers import Mode, ServerConfig, ServerRegistry
@@ -78,6 +81,10 @@ class ConnectFlow:
         clock: Clock,
         callback_url: str,
         ttl_seconds: int = 600,
+        *,
+        lease_seconds: float = 75.0,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.servers = servers
         self.store = store
@@ -87,11 +94,14 @@ class ConnectFlow:
         self.clock = clock
         self.callback_url = callback_url
         self.ttl = ttl_seconds
+        self.lease_seconds = lease_seconds
+        self._sleep = sleep
+        self._monotonic = monotonic
 
     def _audit(self, outcome: Outcome, user_id: str | None, server: str | None, reason: str | None = None,
-               action: Action = Action.CONNECT, request_id: str | None = None) -> None:
+               action: Action = Action.CONNECT, request_id: str | None = None, method: str = "connect") -> None:
         record_event(self.audit, self.clock.now(), action, outcome, user_id=user_id, server=server,
-                     method="connect", reason=reason, request_id=request_id)
+                     method=method, reason=reason, request_id=request_id)
 
     def start(self, user_id: str, server_name: str) -> ConnectStart:
         server = self.servers.get_server(server_name)
@@ -147,22 +157,63 @@ class ConnectFlow:
     def disconnect(self, user_id: str, server_name: str, request_id: str | None = None) -> bool:
         """Revoke upstream (RFC 7009) where configured, then delete locally.
 
-        A failed revocation is logged and audited; the local delete still happens.
+        Serialized with flights by the row's lease: a refresh in progress
+        finishes (and stores its rotated token) first, so what is revoked is the
+        live token, and only the version read is deleted. A failed revocation is
+        logged and audited; the local delete still happens.
         """
         server = self.servers.get_server(server_name)
-        stored = self.store.get(user_id, server.key)
-        if stored is None:
-            return self.store.delete(user_id, server.key)
-        if server.auth_broker.revocation_endpoint or server.auth_broker.issuer:
+        # Audited with the server's own method: removing an entra_obo credential is not a connect.
+        method = "connect" if server.mode is Mode.OAUTH_CONNECT else server.mode.value
+        owner = "disconnect-" + uuid.uuid4().hex
+        for _ in range(4):
+            stored = self._lease(user_id, server, owner)
+            if stored is None:
+                # Absent, or unreadable (nothing to revoke): delete whatever is there.
+                return self.store.delete(user_id, server.key)
             try:
-                revoked = self.oauth.revoke(server, stored.credential)
-                if revoked:
-                    self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.REVOKE, request_id=request_id)
-            except BrokerError as exc:
-                reason = getattr(exc, "oauth_error", None) or exc.code
-                log.warning("revocation failed for server %s: %s", server_name, reason)
-                self._audit(Outcome.FAILURE, user_id, server_name, reason, action=Action.REVOKE,
-                            request_id=request_id)
-        deleted = self.store.delete(user_id, server.key)
-        self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id)
-        return deleted
+                self._revoke(user_id, server, stored, request_id, method)
+                deleted = self.store.delete(user_id, server.key, expected_version=stored.version, lease_owner=owner)
+            finally:
+                try:
+                    self.store.release_lease(user_id, server.key, owner)
+                except BrokerError:
+                    pass  # it expires
+            if deleted:
+                self._audit(Outcome.SUCCESS, user_id, server_name, action=Action.DISCONNECT, request_id=request_id,
+                            method=method)
+                return True
+            # Reconnected meanwhile (a new version), or our lease lapsed: again, with what is there now.
+        raise ServiceUnavailable("the credential kept changing during disconnect; retry")
+
+    def _lease(self, user_id: str, server: ServerConfig, owner: str) -> StoredCredential | None:
+        """The current record with its lease held by ``owner``; waits (bounded)
+        while a flight holds it. None: no readable record."""
+        deadline = self._monotonic() + self.lease_seconds + 1.0
+        stored = self.store.get(user_id, server.key)
+        while stored is not None:
+            take = self.store.take_lease(stored, owner, self.lease_seconds)
+            if take.taken:
+                return stored
+            current = take.current
+            if current is not None and current.version == stored.version and current.lease_owner == stored.lease_owner:
+                if self._monotonic() >= deadline:
+                    raise ServiceUnavailable("a renewal of this credential is in progress; retry the disconnect")
+                self._sleep(0.1)
+                current = self.store.get(user_id, server.key)
+            stored = current
+        return None
+
+    def _revoke(self, user_id: str, server: ServerConfig, stored: StoredCredential, request_id: str | None,
+                method: str) -> None:
+        if not (server.auth_broker.revocation_endpoint or server.auth_broker.issuer):
+            return
+        try:
+            if self.oauth.revoke(server, stored.credential):
+                self._audit(Outcome.SUCCESS, user_id, server.name, action=Action.REVOKE, request_id=request_id,
+                            method=method)
+        except BrokerError as exc:
+            reason = getattr(exc, "oauth_error", None) or exc.code
+            log.warning("revocation failed for server %s: %s", server.name, reason)
+            self._audit(Outcome.FAILURE, user_id, server.name, reason, action=Action.REVOKE, request_id=request_id,
+                        method=method)

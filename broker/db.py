@@ -25,9 +25,11 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["metadata", "credentials", "subject_tokens", "audit_events", "make_engine", "UTCDateTime"]
+__all__ = ["metadata", "credentials", "subject_tokens", "audit_events", "make_engine", "UTCDateTime", "db_now"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -47,6 +49,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class db_now(ColumnElement[datetime]):  # noqa: N801 - reads like the SQL function it renders
+    """The database's clock (UTC, naive, like ``UTCDateTime`` stores it), plus
+    ``offset`` seconds: leases are compared in one clock, whatever the hosts say.
+
+    PostgreSQL: ``timezone('UTC', clock_timestamp())``; SQLite: ``strftime`` in
+    the exact text form SQLAlchemy stores (microseconds), so string order is
+    time order.
+    """
+
+    inherit_cache = False  # the offset is rendered into the SQL text
+    type = UTCDateTime()
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = float(offset)
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: Any, **kw: Any) -> str:
+    return f"(timezone('UTC', clock_timestamp()) + make_interval(secs => {element.offset!r}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', '{element.offset:+.3f} seconds') || '000')"
 
 
 metadata = MetaData()

@@ -36,6 +36,7 @@ __all__ = [
     "ServiceUnavailable",
     "ResolveTimeout",
     "UpstreamError",
+    "UpstreamOutcomeUnknown",
     "CredentialUnavailable",
     "NotConnected",
     "SubjectTokenMissing",
@@ -187,6 +188,12 @@ class UpstreamError(BrokerError):
 
     def extra(self) -> dict[str, Any]:
         return {"status": self.status, "oauth_error": self.oauth_error}
+
+
+class UpstreamOutcomeUnknown(UpstreamError):
+    """The request may have reached the authorization server but no answer came
+    (a read timeout, a connection cut after sending): a refresh token it carried
+    may be spent, so it is not sent again blindly (``broker.lease``)."""
 
 
 class CredentialUnavailable(BrokerError):

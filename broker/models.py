@@ -95,6 +95,10 @@ class StoredCredential:
     last_used_at: datetime | None = None
     refresh_at: datetime | None = None
     failure: str | None = field(default=None)
+    # The lease fence (see ``broker.lease``): who may present this row's
+    # refresh or subject token now, and until when in the database's clock.
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
 
 
 def refresh_point(

@@ -15,6 +15,7 @@ resolve is audited as inject, acquire, refresh or connect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,8 +24,16 @@ from typing import Any
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .connect import OAuthPort
-from .errors import BrokerError, NotConnected, ServiceUnavailable, SubjectTokenMissing, UpstreamError
+from .errors import (
+    BrokerError,
+    NotConnected,
+    ServiceUnavailable,
+    SubjectTokenMissing,
+    UpstreamError,
+    UpstreamOutcomeUnknown,
+)
 from .headers import apply_header, render_header_value
+from .lease import ROTATION_LOST, LeaseTake, local_owner
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
 from .policy import Policy, PolicyInput, allow_all, enforce
 from .secret import Secret
@@ -94,6 +103,11 @@ class Resolver:
         near_expiry: timedelta = timedelta(seconds=60),
         refresh_fraction: float = 0.8,
         touch_interval: timedelta = timedelta(seconds=60),
+        lease_seconds: float = 75.0,
+        lease_margin: float = 5.0,
+        lease_poll: float = 0.1,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.servers = servers
         self.store = store
@@ -105,6 +119,15 @@ class Resolver:
         self.near_expiry = near_expiry
         self.refresh_fraction = refresh_fraction
         self.touch_interval = touch_interval
+        # The lease fence (broker.lease): its TTL, how long after taking it a
+        # token may still be presented, and how often a waiting flight looks.
+        self.lease_seconds = lease_seconds
+        self.lease_margin = lease_margin
+        self.lease_poll = lease_poll
+        self._monotonic = monotonic
+        self._sleep = sleep
+        # Told the server name whenever a rotation is found lost (for metrics).
+        self.on_rotation_lost: Callable[[str], None] | None = None
 
     # -- public ----------------------------------------------------------------
 
@@ -118,15 +141,16 @@ class Resolver:
             raise
         return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id)
 
-    def acquire(self, user_id: str, server_name: str, *, guard: Guard | None = None) -> Acquisition:
+    def acquire(self, user_id: str, server_name: str, *, owner: str | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
-        each caller then runs policy and audit on its own call)."""
+        each caller then runs policy and audit on its own call). ``owner`` names
+        this execution in the row's lease (see ``broker.lease``)."""
         server = self.servers.get_server(server_name)
-        result = self._acquire(user_id, server, self.clock.now(), guard)
+        result = self._acquire(user_id, server, self.clock.now(), owner or local_owner())
         return Acquisition(result.credential, result.action, result.outcome, result.reason)
 
     def renew_if_due(self, user_id: str, server_name: str, *, trigger: str = "proactive",
-                     guard: Guard | None = None) -> Acquisition | None:
+                     owner: str | None = None) -> Acquisition | None:
         """Proactive refresh: renew only if the refresh point has passed.
 
         Re-reads the store first, so a refresh another flight already made is
@@ -140,7 +164,7 @@ class Resolver:
         if not self._due(stored.credential, now):
             return Acquisition(stored.credential, Action.INJECT)
         try:
-            result = self._renew(user_id, server, stored, now, guard=guard)
+            result = self._renew(user_id, server, stored, now, owner=owner or local_owner())
         except BrokerError as exc:
             self._record(Action.REFRESH, Outcome.FAILURE, user_id, server, _method(server), _reason(exc), None)
             return None
@@ -150,7 +174,7 @@ class Resolver:
 
     # -- ordering ----------------------------------------------------------------
 
-    def _acquire(self, user_id: str, server: ServerConfig, now: datetime, guard: Guard | None = None) -> _Outcome:
+    def _acquire(self, user_id: str, server: ServerConfig, now: datetime, owner: str) -> _Outcome:
         stored = self.store.get(user_id, server.key)
         if stored is not None:
             cred = stored.credential
@@ -160,14 +184,15 @@ class Resolver:
                     return _Outcome(cred, Action.INJECT, Outcome.STALE, "needs_reconnect")
                 if server.mode is Mode.OAUTH_CONNECT:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                return self._used(user_id, server, now, self._mint(user_id, server, now, stored, used=True, guard=guard))
+                return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True,
+                                                                    owner=owner, action=Action.ACQUIRE))
             if not self._due(cred, now):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
-            return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, guard=guard))
+            return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, owner=owner))
         if server.mode is Mode.OAUTH_CONNECT:
             raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
-        return self._used(user_id, server, now, self._mint(user_id, server, now, None, used=True, guard=guard))
+        return self._used(user_id, server, now, self._mint(user_id, server, now, used=True))
 
     def _used(self, user_id: str, server: ServerConfig, now: datetime, result: _Outcome) -> _Outcome:
         # A caller used this credential: proactive refresh should keep it warm.
@@ -177,40 +202,130 @@ class Resolver:
         return result
 
     def _renew(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
-               used: bool = False, guard: Guard | None = None) -> _Outcome:
-        cred = stored.credential
+               used: bool = False, owner: str = "", action: Action = Action.REFRESH) -> _Outcome:
+        """Renew an existing row under its lease: refresh grant (oauth_connect) or
+        a new exchange of the subject token (``action`` ACQUIRE after reconnect)."""
+        owner = owner or local_owner()
+        if server.mode is Mode.OAUTH_CONNECT and stored.credential.refresh_token is None:
+            if not stored.credential.is_expired(now):
+                return _Outcome(stored.credential, Action.REFRESH, Outcome.STALE, "no_refresh_token")
+            raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+        taken = self._take_lease(user_id, server, stored, now, owner, action)
+        if isinstance(taken, _Outcome):
+            return taken
+        take, taken_at = taken
+        assert take.current is not None
+        stored, cred = take.current, take.current.credential
+        released = False
         try:
-            if server.mode is Mode.OAUTH_CONNECT:
-                if cred.refresh_token is None:
-                    if not cred.is_expired(now):
-                        return _Outcome(cred, Action.REFRESH, Outcome.STALE, "no_refresh_token")
-                    raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                _check(guard)
-                new = self.oauth.refresh(server, cred)
-            else:
-                subject = self._subject_token(user_id, now)
-                _check(guard)
-                new = self.oauth.mint(server, subject)
-        except NotConnected:
-            raise
-        except (UpstreamError, SubjectTokenMissing) as exc:
-            return self._renewal_failed(user_id, server, stored, now, exc)
-        written = self.store.compare_and_swap(user_id, server.key, stored.version, new,
-                                              last_used_at=now if used else None)
-        if written is None:
-            current = self.store.get(user_id, server.key)
-            if current is not None and not self._due(current.credential, now):
-                return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
-            if current is None and server.mode is Mode.OAUTH_CONNECT:
-                # Disconnected while we refreshed: the user revoked consent, so
-                # the fresh credential must not be served or stored.
-                log.warning("credential for server %s was deleted during its refresh; not stored", server.name)
-                raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
-            log.warning("refresh fence moved for server %s; new credential served, not stored", server.name)
-        return _Outcome(new, Action.REFRESH, written=written is not None and used)
+            try:
+                if self._monotonic() - taken_at > self.lease_margin:
+                    # Paused between taking the lease and presenting: the lease may be
+                    # about to expire under a call that could last its whole length.
+                    raise ServiceUnavailable("this flight's lease is too old to present a token; retry")
+                if server.mode is Mode.OAUTH_CONNECT:
+                    if cred.refresh_token is None:
+                        raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+                    new = self.oauth.refresh(server, cred)
+                else:
+                    new = self.oauth.mint(server, self._subject_token(user_id, now))
+            except NotConnected:
+                raise
+            except (UpstreamError, SubjectTokenMissing) as exc:
+                if isinstance(exc, UpstreamOutcomeUnknown) and server.mode is Mode.OAUTH_CONNECT:
+                    # The provider may have rotated the token: leave the lease
+                    # expired, not released, so the next flight knows the outcome
+                    # is unknown (and reports rotation_lost if it was spent).
+                    released = self._abandon_lease(user_id, server, owner)
+                if action is Action.ACQUIRE:
+                    raise
+                return self._renewal_failed(user_id, server, stored, now, exc, took_over=take.took_over)
+            written = self.store.compare_and_swap(user_id, server.key, stored.version, new,
+                                                  last_used_at=now if used else None, lease_owner=owner)
+            released = written is not None
+            if written is None:
+                return self._unstored(user_id, server, now, new, action)
+            return _Outcome(new, action, written=used)
+        finally:
+            if not released:
+                self._release_lease(user_id, server, owner)
+
+    def _take_lease(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
+                    owner: str, action: Action) -> tuple[LeaseTake, float] | _Outcome:
+        """Take the row's lease, or say what to serve instead: the row renewed by
+        another flight meanwhile, or (lease held elsewhere) its still-valid
+        credential. With an expired credential, wait for the holder, boundedly."""
+        deadline = self._monotonic() + self.lease_seconds + 1.0
+        elsewhere = "refreshed_elsewhere" if action is Action.REFRESH else "minted_elsewhere"
+        read_version = stored.version
+        while True:
+            if stored.status is CredentialStatus.NEEDS_RECONNECT and server.mode is Mode.OAUTH_CONNECT:
+                if not stored.credential.is_expired(now):
+                    return _Outcome(stored.credential, Action.INJECT, Outcome.STALE, "needs_reconnect")
+                raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
+            if stored.version != read_version and not self._due(stored.credential, now) \
+                    and stored.status is not CredentialStatus.NEEDS_RECONNECT:
+                return _Outcome(stored.credential, action, Outcome.SUCCESS, elsewhere)
+            taken_at = self._monotonic()
+            take = self.store.take_lease(stored, owner, self.lease_seconds)
+            if take.taken:
+                if take.took_over:
+                    log.warning("lease on server %s expired without release: previous flight's outcome unknown",
+                                server.name)
+                return take, taken_at
+            current = take.current
+            if current is not None and current.version == stored.version \
+                    and current.lease_owner == stored.lease_owner:
+                # Held by a live flight: serve what is still valid, else wait for it.
+                if not current.credential.is_expired(now):
+                    return _Outcome(current.credential, Action.INJECT, Outcome.SUCCESS, "renewal_in_progress")
+                if self._monotonic() >= deadline:
+                    raise ServiceUnavailable("another flight is renewing this credential; retry")
+                self._sleep(self.lease_poll)
+                current = self.store.get(user_id, server.key)
+            if current is None:
+                if server.mode is Mode.OAUTH_CONNECT:
+                    raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
+                return self._mint(user_id, server, now, used=False)
+            stored = current
+
+    def _unstored(self, user_id: str, server: ServerConfig, now: datetime, new: Credential,
+                  action: Action) -> _Outcome:
+        """Our write failed (the lease was taken over, or the row replaced or deleted)."""
+        current = self.store.get(user_id, server.key)
+        if current is None and server.mode is Mode.OAUTH_CONNECT:
+            # Disconnected while we refreshed: the user revoked consent, so
+            # the fresh credential must not be served or stored.
+            log.warning("credential for server %s was deleted during its refresh; not stored", server.name)
+            raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
+        if current is not None and current.status is not CredentialStatus.NEEDS_RECONNECT \
+                and not self._due(current.credential, now):
+            reason = "refreshed_elsewhere" if action is Action.REFRESH else "minted_elsewhere"
+            return _Outcome(current.credential, action, Outcome.SUCCESS, reason)
+        if server.mode is Mode.OAUTH_CONNECT:
+            # A rotated credential is served only once stored: handing out a token
+            # whose refresh token the store never learnt strands the user.
+            log.warning("refresh for server %s could not be stored (lease lost); not served", server.name)
+            raise ServiceUnavailable("the renewed credential could not be stored; retry")
+        # An exchange rotates nothing: the minted token is good whoever stores it.
+        return _Outcome(new, action)
+
+    def _abandon_lease(self, user_id: str, server: ServerConfig, owner: str) -> bool:
+        try:
+            return self.store.expire_lease(user_id, server.key, owner)
+        except BrokerError as exc:
+            log.warning("could not mark the lease for server %s: %s", server.name, exc.code)
+            return True  # leave it as it is: it expires by itself, unreleased
+
+    def _release_lease(self, user_id: str, server: ServerConfig, owner: str) -> None:
+        try:
+            self.store.release_lease(user_id, server.key, owner)
+        except BrokerError as exc:
+            # The lease will expire: the next flight then treats our outcome as unknown.
+            log.warning("could not release the lease for server %s: %s", server.name, exc.code)
 
     def _renewal_failed(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
-                        exc: BrokerError) -> _Outcome:
+                        exc: BrokerError, took_over: bool = False) -> _Outcome:
         cred = stored.credential
         reason = _reason(exc)
         if server.mode is Mode.OAUTH_CONNECT and isinstance(exc, UpstreamError) and exc.oauth_error == "invalid_grant":
@@ -218,10 +333,20 @@ class Resolver:
             current = self.store.get(user_id, server.key)
             if current is not None and current.version != stored.version and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
+            failure = "invalid_grant"
+            if took_over:
+                # The flight whose lease expired did present this token: its
+                # response, and so the rotated token, is lost.
+                failure = ROTATION_LOST
+                log.warning("rotation lost for server %s: the refresh token was spent by a flight "
+                            "whose outcome is unknown", server.name)
+                self._record(Action.REFRESH, Outcome.FAILURE, user_id, server, _method(server), ROTATION_LOST, None)
+                if self.on_rotation_lost is not None:
+                    self.on_rotation_lost(server.name)
             self.store.set_status(user_id, server.key, CredentialStatus.NEEDS_RECONNECT,
-                                  expected_version=stored.version, failure="invalid_grant")
+                                  expected_version=stored.version, failure=failure)
             if not cred.is_expired(now):
-                return _Outcome(cred, Action.REFRESH, Outcome.STALE, "invalid_grant")
+                return _Outcome(cred, Action.REFRESH, Outcome.STALE, failure)
             raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
         if not cred.is_expired(now):
             self.store.set_status(user_id, server.key, CredentialStatus.DEGRADED,
@@ -233,14 +358,12 @@ class Resolver:
             raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
         raise exc
 
-    def _mint(self, user_id: str, server: ServerConfig, now: datetime, stored: StoredCredential | None,
-              used: bool = False, guard: Guard | None = None) -> _Outcome:
+    def _mint(self, user_id: str, server: ServerConfig, now: datetime, used: bool = False) -> _Outcome:
+        """First mint, no row yet: no lease (an exchange rotates nothing); the
+        insert is the compare-and-swap, and a loser serves the winner's record."""
         subject = self._subject_token(user_id, now)
-        _check(guard)
         new = self.oauth.mint(server, subject)
-        expected = None if stored is None else stored.version
-        written = self.store.compare_and_swap(user_id, server.key, expected, new,
-                                              last_used_at=now if used else None)
+        written = self.store.compare_and_swap(user_id, server.key, None, new, last_used_at=now if used else None)
         if written is None:
             current = self.store.get(user_id, server.key)
             if current is not None and not self._due(current.credential, now):
@@ -318,17 +441,6 @@ def _record(audit: AuditSink, clock: Clock, action: Action, outcome: Outcome, us
             method: str, reason: str | None, request_id: str | None) -> None:
     record_event(audit, clock.now(), action, outcome, user_id=user_id, server=server.name, method=method,
                  reason=reason, request_id=request_id)
-
-
-# Called just before an authorization server is asked for a token: False means
-# this flight no longer holds the pair (its claim expired), so another flight
-# may be presenting the same refresh token right now.
-Guard = Callable[[], bool]
-
-
-def _check(guard: Guard | None) -> None:
-    if guard is not None and not guard():
-        raise ServiceUnavailable("this flight lost its claim on the pair; retry")
 
 
 def _method(server: ServerConfig) -> str:

@@ -45,6 +45,9 @@ __all__ = [
     "ServerRegistry",
     "server_key",
     "parse_servers",
+    "check_servers",
+    "read_servers_file",
+    "unknown_server_message",
     "load_servers",
     "servers_from_settings",
 ]
@@ -146,11 +149,19 @@ class ServerRegistry(Mapping[str, ServerConfig]):
         try:
             return self._by_name[name]
         except KeyError:
-            raise UnknownServer(f"unknown server {name!r}") from None
+            raise UnknownServer(unknown_server_message(name, list(self._by_name))) from None
 
     def by_key(self, key: str) -> ServerConfig | None:
         return self._by_key.get(key)
 
+
+def unknown_server_message(name: str, known: list[str]) -> str:
+    """Say what to do: with no servers at all, the servers file is the thing to set."""
+    if not known:
+        return (f"unknown server {name!r}: no servers are configured "
+                "(set CREDBROKER_SERVERS_FILE to a servers file; check it with `credbroker servers check FILE`)")
+    shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+    return f"unknown server {name!r} (configured: {shown})"
 
 
 # Loading and validation. Rules and messages are in ``server_config``.
@@ -346,16 +357,31 @@ def parse_servers(data: object, environ: Mapping[str, str] | None = None) -> Ser
     ``environ`` (default ``os.environ``) supplies ``client_secret_env`` values,
     so a config file need hold no secret.
     """
+    servers, errors = check_servers(data, environ)
+    if errors:
+        raise errors[0]
+    return ServerRegistry(servers)
+
+
+def check_servers(data: object, environ: Mapping[str, str] | None = None) -> tuple[list[ServerConfig],
+                                                                                  list[ConfigError]]:
+    """Every valid server and every error, so one check reports all that is wrong at once."""
     env = os.environ if environ is None else environ
     servers: list[ServerConfig] = []
+    errors: list[ConfigError] = []
     seen: dict[str, int] = {}
     for position, (key_name, entry) in enumerate(_entries(data), 1):
-        server = _server(entry, position, key_name, env)
-        if server.name in seen:
-            raise field_error(f"server {server.name!r}", "name", f"duplicate (also server #{seen[server.name]})")
+        try:
+            server = _server(entry, position, key_name, env)
+            if server.name in seen:
+                raise field_error(f"server {server.name!r}", "name",
+                                  f"duplicate (also server #{seen[server.name]})")
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
         seen[server.name] = position
         servers.append(server)
-    return ServerRegistry(servers)
+    return servers, errors
 
 
 def _from_yaml(text: str) -> object:
@@ -378,6 +404,16 @@ def _from_json(text: str) -> object:
 def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> ServerRegistry:
     """Read a YAML or JSON servers file (by suffix, else JSON then YAML)."""
     path = Path(path)
+    data = read_servers_file(path)
+    try:
+        return parse_servers(data, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"servers file {str(path)!r}: {exc.message}") from None
+
+
+def read_servers_file(path: str | Path) -> object:
+    """The decoded content of a YAML or JSON servers file (by suffix, else JSON then YAML)."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -394,7 +430,7 @@ def load_servers(path: str | Path, environ: Mapping[str, str] | None = None) -> 
                 data = _from_json(text)
             except ConfigError:
                 data = _from_yaml(text)
-        return parse_servers(data, environ)
+        return data
     except ConfigError as exc:
         raise ConfigError(f"servers file {str(path)!r}: {exc.message}") from None
 

@@ -63,6 +63,8 @@ class Settings:
     http_read_timeout: float = 10.0
     provider_retry_seconds: float = 10.0
     provider_max_attempts: int = 4
+    # Added to the worst-case provider call to size a renewal's lease (broker.lease).
+    lease_margin_seconds: float = 5.0
     # Expiry and refresh.
     near_expiry_seconds: float = 60.0
     refresh_fraction: float = 0.8
@@ -72,6 +74,9 @@ class Settings:
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
+    # Seconds a taken, unacknowledged task message may wait before the Redis
+    # transport delivers it again; 0: twice the task time limit plus 60 s.
+    visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
     # Capacity and per-server protection (workers/upstream_guard.py, the beat's scan budget).
     worker_slots: int = 8  # the cluster's worker slots (sum of --concurrency), an estimate
@@ -115,6 +120,7 @@ SETTING_NAMES: dict[str, str] = {
     "HTTP_READ_TIMEOUT": "http_read_timeout",
     "PROVIDER_RETRY_SECONDS": "provider_retry_seconds",
     "PROVIDER_MAX_ATTEMPTS": "provider_max_attempts",
+    "LEASE_MARGIN_SECONDS": "lease_margin_seconds",
     "NEAR_EXPIRY_SECONDS": "near_expiry_seconds",
     "REFRESH_FRACTION": "refresh_fraction",
     "RECENT_USE_SECONDS": "recent_use_seconds",
@@ -122,6 +128,7 @@ SETTING_NAMES: dict[str, str] = {
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
+    "VISIBILITY_TIMEOUT": "visibility_timeout",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
     "WORKER_SLOTS": "worker_slots",
     "SERVER_MAX_CONCURRENCY": "server_max_concurrency",

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, and_, delete, insert, select, update
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
 from .db import credentials as T
+from .db import db_now
 from .db import subject_tokens as S
 from .errors import ServiceUnavailable, StoreDisabled
+from .lease import LeaseTake
 from .models import Credential, CredentialStatus, ObtainedVia, StoredCredential, SubjectToken, refresh_point
 from .secret import Secret
 
@@ -135,6 +137,8 @@ class CredentialStore:
             last_used_at=row.last_used_at,
             refresh_at=row.refresh_at,
             failure=row.failure,
+            lease_owner=row.lease_owner,
+            lease_until=row.lease_until,
         )
 
     def _values(self, user_id: str, server_key: str, cred: Credential, status: CredentialStatus,
@@ -180,10 +184,13 @@ class CredentialStore:
         status: CredentialStatus = CredentialStatus.CONNECTED,
         failure: str | None = None,
         last_used_at: datetime | None = None,
+        lease_owner: str | None = None,
     ) -> StoredCredential | None:
         """Write only if the record still has ``expected_version`` (None: only if
         absent). Returns the new record, or None when the fence moved.
-        ``last_used_at`` records a caller's use in the same write."""
+        ``last_used_at`` records a caller's use in the same write. With
+        ``lease_owner``, write only while that owner holds the lease (expired
+        but not taken over still counts), and release it in the same write."""
         now = self.clock.now()
         values = self._values(user_id, server_key, credential, status, now, failure)
         if last_used_at is not None:
@@ -198,12 +205,11 @@ class CredentialStore:
                     return None
                 new_version = 1
             else:
-                result = conn.execute(
-                    update(T)
-                    .where(and_(T.c.user_id == user_id, T.c.server_key == server_key,
-                                T.c.version == expected_version))
-                    .values(version=expected_version + 1, **values)
-                )
+                cond = [T.c.user_id == user_id, T.c.server_key == server_key, T.c.version == expected_version]
+                if lease_owner is not None:
+                    cond.append(T.c.lease_owner == lease_owner)
+                    values.update(lease_owner=None, lease_until=None)
+                result = conn.execute(update(T).where(and_(*cond)).values(version=expected_version + 1, **values))
                 if result.rowcount != 1:
                     return None
                 new_version = expected_version + 1
@@ -230,17 +236,62 @@ class CredentialStore:
     @_guarded
     def set_status(self, user_id: str, server_key: str, status: CredentialStatus, *,
                    expected_version: int | None = None, failure: str | None = None) -> bool:
-        """Change status (degraded, needs_reconnect) through the fence; secrets untouched."""
+        """Change status (degraded, needs_reconnect) if the record still has
+        ``expected_version``; secrets untouched.
+
+        The version does not move: it fences the secrets, and a status note must
+        never make a refresh's write fail after the provider rotated the token
+        (the rotated token would be lost and the stored one is already spent).
+        """
         cond = [T.c.user_id == user_id, T.c.server_key == server_key]
         if expected_version is not None:
             cond.append(T.c.version == expected_version)
         with self.engine.begin() as conn:
             result = conn.execute(
-                update(T).where(and_(*cond)).values(
-                    status=status.value, failure=failure, updated_at=self.clock.now(), version=T.c.version + 1
-                )
+                update(T).where(and_(*cond)).values(status=status.value, failure=failure, updated_at=self.clock.now())
             )
         return result.rowcount == 1
+
+    # -- the lease fence (see broker.lease) ------------------------------------
+
+    @_guarded
+    def take_lease(self, observed: StoredCredential, owner: str, ttl_seconds: float) -> LeaseTake:
+        """One conditional UPDATE: take the row's lease for ``owner`` until the
+        database's now + ``ttl_seconds``, if it is free, expired or already ours,
+        and the row is still the one observed (version and lease owner), so the
+        caller knows exactly whose lease, if any, it took over."""
+        user_id, server_key = observed.user_id, observed.server_key
+        cond = [
+            T.c.user_id == user_id, T.c.server_key == server_key, T.c.version == observed.version,
+            T.c.lease_owner.is_not_distinct_from(observed.lease_owner),
+            or_(T.c.lease_owner.is_(None), T.c.lease_until < db_now(), T.c.lease_owner == owner),
+        ]
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                update(T).where(and_(*cond)).values(lease_owner=owner, lease_until=db_now(ttl_seconds))
+            ).rowcount == 1
+        if taken:
+            return LeaseTake(True, observed, took_over=observed.lease_owner not in (None, owner))
+        return LeaseTake(False, self.get(user_id, server_key))
+
+    @_guarded
+    def expire_lease(self, user_id: str, server_key: str, owner: str) -> bool:
+        """End ``owner``'s lease now without releasing it: the next flight takes
+        it over knowing this one's outcome is unknown (a call that got no answer)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key, T.c.lease_owner == owner))
+                .values(lease_until=db_now())
+            ).rowcount == 1
+
+    @_guarded
+    def release_lease(self, user_id: str, server_key: str, owner: str) -> bool:
+        """Free the lease if ``owner`` still holds it (a no-op after a write released it)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key, T.c.lease_owner == owner))
+                .values(lease_owner=None, lease_until=None)
+            ).rowcount == 1
 
     @_guarded
     def touch(self, user_id: str, server_key: str, when: datetime | None = None) -> None:
@@ -267,9 +318,17 @@ class CredentialStore:
             conn.execute(stmt, [{"u": u, "k": k, "t": t} for u, k, t in uses])
 
     @_guarded
-    def delete(self, user_id: str, server_key: str) -> bool:
+    def delete(self, user_id: str, server_key: str, *, expected_version: int | None = None,
+               lease_owner: str | None = None) -> bool:
+        """Delete the record; with ``expected_version``/``lease_owner``, only that
+        version and only while that owner holds its lease (disconnect)."""
+        cond = [T.c.user_id == user_id, T.c.server_key == server_key]
+        if expected_version is not None:
+            cond.append(T.c.version == expected_version)
+        if lease_owner is not None:
+            cond.append(T.c.lease_owner == lease_owner)
         with self.engine.begin() as conn:
-            result = conn.execute(delete(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key)))
+            result = conn.execute(delete(T).where(and_(*cond)))
         return result.rowcount == 1
 
     @_guarded

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -36,10 +35,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from broker.audit import Action, Outcome, SqlAuditLog, record_event
+from broker.audit import AUDIT_MAX_LIMIT, Action, Outcome, SqlAuditLog, record_event
 from broker.connect import ConnectError
 from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
-from broker.models import CredentialStatus, StoredCredential, SubjectToken
+from broker.models import SubjectToken
 from broker.servers import ServerConfig
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
@@ -59,7 +58,8 @@ from .api_openapi import OPENAPI
 from .api_pages import connected_page, failed_page
 from .client import BrokerClient
 from .constants import cache_key
-from .credentials import remove_credential
+from .credentials import credential_listing, remove_credential
+from .tracing import instrument_api
 from .metrics import METRICS, render_cluster
 from .runtime import Runtime, build_runtime
 
@@ -210,25 +210,6 @@ async def connect_callback(request: Request) -> Response:
     return connected_page(result.server)
 
 
-def _listing(server: ServerConfig, stored: StoredCredential | None, now: datetime) -> dict[str, Any]:
-    if stored is None:
-        return {"server": server.name, "mode": server.mode.value, "status": CredentialStatus.NOT_CONNECTED.value,
-                "expires_at": None, "obtained_via": None, "scopes": [], "last_used_at": None}
-    cred = stored.credential
-    status = stored.status
-    if status in (CredentialStatus.CONNECTED, CredentialStatus.DEGRADED) and cred.is_expired(now):
-        status = CredentialStatus.EXPIRED
-    return {
-        "server": server.name,
-        "mode": server.mode.value,
-        "status": status.value,
-        "expires_at": cred.expires_at.isoformat() if cred.expires_at else None,
-        "obtained_via": cred.obtained_via.value,
-        "scopes": list(cred.scopes),
-        "last_used_at": stored.last_used_at.isoformat() if stored.last_used_at else None,
-    }
-
-
 async def list_credentials(request: Request) -> Response:
     api = _api(request)
     user_id = validate_user_id(request.path_params["user_id"])
@@ -237,7 +218,7 @@ async def list_credentials(request: Request) -> Response:
     now = api.rt.clock.now()
     servers = api.rt.servers
     # Every configured server, in config order; records of removed servers stay hidden.
-    return _no_store([_listing(servers[name], by_key.get(servers[name].key), now) for name in servers])
+    return _no_store([credential_listing(servers[name], by_key.get(servers[name].key), now) for name in servers])
 
 
 async def delete_credential(request: Request) -> Response:
@@ -261,7 +242,7 @@ async def audit(request: Request) -> Response:
     server = validate_server_name(q["server"]) if "server" in q else None
     since = parse_instant(q["since"], "since") if "since" in q else None
     until = parse_instant(q["until"], "until") if "until" in q else None
-    limit = parse_limit(q.get("limit"))
+    limit = parse_limit(q.get("limit"), maximum=AUDIT_MAX_LIMIT)
     rows = await run_in_threadpool(partial(api.audit_log.query, user_id=user_id, server=server, since=since,
                                            until=until, limit=limit))
     return _no_store(rows)
@@ -362,6 +343,7 @@ def create_app(settings: Settings | None = None, *, client: BrokerClient | None 
     app.router.redirect_slashes = False
     app.state.api = api
     app.add_middleware(Edge, keys=settings.api_keys, routes=ROUTES)
+    instrument_api(app)  # OpenTelemetry, only when CREDBROKER_TRACING is set
     return app
 
 

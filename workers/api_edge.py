@@ -36,6 +36,12 @@ REQUEST_ID_KEY = "credbroker.request_id"
 # No bearer key: the browser's callback, and probes that cannot hold a secret.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback"})
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# What a refused caller needs to know: where keys come from, and where the demo keeps its key.
+NO_KEYS_MESSAGE = ("no API keys configured: set CREDBROKER_API_KEYS (comma-separated, 16+ characters each) "
+                   "and restart the API")
+WRONG_KEY_MESSAGE = ("a valid service bearer key is required: send 'Authorization: Bearer KEY' with a key "
+                     "from CREDBROKER_API_KEYS (credbroker up --demo prints its key and keeps it in "
+                     ".credbroker/demo-api-key)")
 
 METRICS.describe("credbroker_http_requests_total", "counter", "HTTP API requests by method, route and status")
 METRICS.describe("credbroker_http_request_seconds", "histogram", "HTTP API latency by route")
@@ -94,8 +100,7 @@ class Edge:
 
         try:
             if scope["path"] not in OPEN_PATHS and not bearer_matches(headers.get("authorization"), self.keys):
-                message = ("no API keys configured: set CREDBROKER_API_KEYS" if not self.keys
-                           else Unauthorized.default_message)
+                message = NO_KEYS_MESSAGE if not self.keys else WRONG_KEY_MESSAGE
                 refusal = await broker_error(Request(scope), Unauthorized(message))
                 await refusal(scope, receive, send_with_id)
             else:

@@ -20,6 +20,8 @@ from celery import Celery
 
 from broker.settings import Settings, load_settings
 
+from .tracing import connect_worker_signals
+
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE",
            "REFRESH_QUEUE", "QUEUES"]
 
@@ -50,7 +52,8 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
-        broker_transport_options={"visibility_timeout": int(limit * 2 + 60), "queue_order_strategy": "sorted"},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout or int(limit * 2 + 60),
+                                  "queue_order_strategy": "sorted"},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
@@ -71,3 +74,4 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
 
 
 app = make_celery(load_settings(), main=True)
+connect_worker_signals()  # OpenTelemetry in workers, only when CREDBROKER_TRACING is set

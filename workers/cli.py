@@ -18,7 +18,7 @@ import redis
 from broker.errors import BrokerError, ConfigError, InvalidRequest, UnknownServer
 
 from . import cli_admin, cli_procs, cli_up, cli_users
-from .cli_common import UsageError
+from .cli_common import NEEDS_NO_SETTINGS, UsageError, check_required
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in NEEDS_NO_SETTINGS:
+            check_required()
         return int(args.handler(args) or 0)
     except _USAGE_ERRORS as exc:
         _report(exc)

@@ -204,10 +204,24 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 
 def cmd_servers_check(args: argparse.Namespace) -> int:
-    from broker.servers import load_servers
+    from broker.errors import ConfigError
+    from broker.servers import check_servers, read_servers_file
 
-    registry = load_servers(args.file)  # ConfigError (exit 2) names the file and the field
-    servers = [registry[name] for name in registry]
+    where = f"servers file {str(args.file)!r}"
+    try:
+        servers, errors = check_servers(read_servers_file(args.file))
+    except ConfigError as exc:  # unreadable, or not a servers file at all
+        raise ConfigError(exc.message if exc.message.startswith(where) else f"{where}: {exc.message}") from None
+    # Every error at once (each names the server and the field), not just the first.
+    for error in errors:
+        print(f"error: {error.code}: {where}: {error.message}", file=sys.stderr)
+    if errors:
+        print(f"{args.file}: {len(errors)} error(s); {len(servers)} server(s) valid", file=sys.stderr)
+        return 2
+    if not servers:
+        print(f"error: config_error: {where}: no servers (an empty file configures nothing; in an mcpServers "
+              "file only servers with an auth_broker block count)", file=sys.stderr)
+        return 2
     if args.json:
         emit_json([{"name": s.name, "mode": s.mode.value, "key": s.key, "url": s.url} for s in servers])
         return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,9 @@ __all__ = [
     "open_store",
     "configure_logging",
     "check_schema",
+    "check_required",
+    "REQUIRE_VARIABLE",
+    "NEEDS_NO_SETTINGS",
     "UsageError",
     "port_number",
     "positive_int",
@@ -54,10 +56,36 @@ def environment() -> dict[str, str]:
     keys, a private Redis, the demo's servers) apply to the other commands
     run here too, exactly as they do for those children.
     """
-    from .embedded import configured, read_session
+    from .embedded import session_environment
 
-    session = read_session(configured())
-    return {**os.environ, **(session[1] if session else {})}
+    return session_environment()
+
+
+# Comma-separated setting names (without the prefix) a process must have, for
+# deployments (docker-compose.yml) that cannot make a variable required
+# without also requiring it of `keygen`, which runs before the keys exist.
+REQUIRE_VARIABLE = "CREDBROKER_REQUIRE"
+# Commands that need no setting at all.
+NEEDS_NO_SETTINGS = frozenset({"keygen", "servers"})
+
+
+def check_required(environ: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming every setting listed in CREDBROKER_REQUIRE that is unset or empty."""
+    from broker.errors import ConfigError
+    from broker.settings import SETTING_NAMES
+
+    from .embedded import configured
+
+    values = configured(environment() if environ is None else environ)
+    names = [n.strip().upper() for n in values.get(REQUIRE_VARIABLE, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTING_NAMES]
+    if unknown:
+        raise ConfigError(f"{REQUIRE_VARIABLE}: not settings: {', '.join(unknown)}")
+    missing = [f"CREDBROKER_{n}" for n in names if not values.get(f"CREDBROKER_{n}")]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set here ({REQUIRE_VARIABLE}); "
+                          "with docker compose, put them in the .env file next to docker-compose.yml "
+                          "(keys: `docker compose run --rm --no-deps -T api keygen`)")
 
 
 def settings() -> Settings:

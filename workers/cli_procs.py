@@ -30,8 +30,10 @@ QUEUES = ("credbroker", "credbroker.refresh")
 QUEUE_CHOICES = {"resolve": QUEUES[0], "refresh": QUEUES[1]}
 
 
-def celery_argv(command: str, *options: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", command, *options]
+def celery_argv(command: str, *options: str, quiet: bool = False) -> list[str]:
+    """``celery -A workers.celery_app COMMAND``; ``quiet`` drops Celery's start-up banner."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []),
+            command, *options]
 
 
 def _exec(argv: list[str], env: Mapping[str, str] | None = None) -> NoReturn:
@@ -72,7 +74,7 @@ def worker_argv(args: argparse.Namespace, s: Settings) -> list[str]:
     argv = celery_argv("worker", f"--loglevel={args.loglevel or s.log_level}", f"--pool={args.pool}",
                        f"--queues={','.join(_queues(args))}", f"--hostname={args.hostname}",
                        # No broadcast chatter between workers: nothing here uses it.
-                       "--without-gossip", "--without-mingle")
+                       "--without-gossip", "--without-mingle", quiet=getattr(args, "quiet", False))
     if args.concurrency:
         argv.append(f"--concurrency={args.concurrency}")
     return argv
@@ -87,7 +89,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def beat_argv(args: argparse.Namespace, s: Settings) -> list[str]:
     schedule = Path(args.schedule) if args.schedule else s.state_dir / "celerybeat-schedule"
-    return celery_argv("beat", f"--loglevel={args.loglevel or s.log_level}", f"--schedule={schedule}")
+    return celery_argv("beat", f"--loglevel={args.loglevel or s.log_level}", f"--schedule={schedule}",
+                       quiet=getattr(args, "quiet", False))
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -95,7 +98,14 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
     s = settings()
     argv = beat_argv(args, s)
-    ensure_state_dir(Path(argv[-1].split("=", 1)[1]).parent)
+    schedule = Path(argv[-1].split("=", 1)[1])
+    ensure_state_dir(schedule.parent)
+    # The schedule files live in the owner-only state folder: make them owner-only
+    # too (beat's shelve creates them with the umask; exec keeps the umask).
+    os.umask(os.umask(0o077) | 0o077)
+    for old in schedule.parent.glob(schedule.name + "*"):
+        if old.is_file() and old.stat().st_mode & 0o077:
+            old.chmod(0o600)
     _exec(argv)
 
 
@@ -171,6 +181,7 @@ def register(sub: Any) -> None:
                         "always taken first)")
     p.add_argument("--hostname", "-n", default="credbroker@%h", metavar="NAME",
                    help="node name (default credbroker@%%h, %%h = host name)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no start-up banner")
     p.set_defaults(handler=cmd_worker)
 
     p = add_command(sub, "beat", "run the scheduler (proactive refresh, audit flush)", """
@@ -182,6 +193,7 @@ def register(sub: Any) -> None:
     p.add_argument("--schedule", "-s", metavar="PATH",
                    help="beat's schedule file (default CREDBROKER_STATE_DIR/celerybeat-schedule)")
     p.add_argument("--loglevel", "-l", type=_level, metavar="LEVEL", help="default CREDBROKER_LOG_LEVEL")
+    p.add_argument("--quiet", "-q", action="store_true", help="no start-up banner")
     p.set_defaults(handler=cmd_beat)
 
     p = add_command(sub, "flower", "run Flower, the task monitor (authentication required)", """

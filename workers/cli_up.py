@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -42,6 +43,42 @@ def _local(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse, before anything starts, a port another program already listens on.
+
+    Otherwise the API child dies right after start-up, or worse, another
+    server answers our health check and ``up`` claims to be up.
+    """
+    if _bind_error(host, port) is None:
+        return
+    free = next((p for p in range(port + 1, min(port + 50, 65536)) if _bind_error(host, p) is None), None)
+    hint = f"; choose another with {flag}" + (f", e.g. {flag} {free}" if free else "")
+    raise UsageError(f"port {port} on {host} is already in use (another program, or another credbroker up, "
+                     f"listens there){hint}")
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: a port held only by connections in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _wait_for_worker(sup: Supervisor, settings: Any) -> None:
+    from .celery_app import make_celery
+
+    app = make_celery(settings)
+    try:
+        sup.wait_for(lambda: bool(app.control.ping(timeout=0.5)), STARTUP_TIMEOUT, "a worker to answer a ping")
+    finally:
+        app.close()
 
 
 def _prepare_demo(sup: Supervisor, env: dict[str, str], values: dict[str, str],
@@ -94,6 +131,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if running is not None:
         raise UsageError(f"credbroker up is already running in this folder (pid {running[0]}); "
                          "stop it first, or set CREDBROKER_STATE_DIR to run another")
+    # Before anything starts: a malformed setting names its variable, a taken port says so.
+    load_settings(values, env_file=None)
+    check_port_free(args.host, args.port)
+    if args.flower:
+        check_port_free("127.0.0.1", args.flower_port, "--flower-port")
     sup = Supervisor(out=sys.stdout)
     sup.install_signal_handlers()
     prepared: embedded.Embedded | None = None
@@ -136,17 +178,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         # Celery logs two lines per task at INFO, and beat sends one every second:
         # unless a level is configured, workers and beat report warnings only.
         quiet = [] if values.get(PREFIX + "LOG_LEVEL") else ["--loglevel", "WARNING"]
+        # No Celery banners: 35 lines that would scroll the demo's instructions away.
+        quiet.append("--quiet")
         sup.spawn("api", [*cli, "api", "--host", args.host, "--port", str(args.port)], env)
         sup.spawn("worker", [*cli, "worker", "--concurrency", str(args.workers), *quiet], env)
         sup.spawn("beat", [*cli, "beat", *quiet], env)
         if args.flower:
             sup.spawn("flower", [*cli, "flower", "--port", str(args.flower_port)], env)
-        embedded.write_session(folder, overrides)
+        # Everything the children got, so a shell or BrokerClient() beside us reaches the same cluster.
+        embedded.write_session(folder, {**values, **overrides})
         sup.wait_for(lambda: _healthy(api_url + "/healthz"), STARTUP_TIMEOUT, "the API to answer /healthz")
+        # Up means a worker takes tasks: the first resolve is served, and the worker's own
+        # start-up lines come before the instructions, not after them.
+        _wait_for_worker(sup, settings)
 
         lines = [f"credbroker is up: API {api_url} (state in {folder.resolve()}/). Ctrl-C stops everything.",
-                 "other credbroker commands run in this folder use the same settings while it runs"]
-        if quiet:
+                 "other credbroker commands and BrokerClient() run in this folder use the same settings "
+                 f"while it runs ({folder / embedded.SESSION_FILE})"]
+        if not values.get(PREFIX + "LOG_LEVEL"):
             lines.append("worker and beat log warnings only; set CREDBROKER_LOG_LEVEL=INFO to see every task")
         if args.flower:
             where = ("password in " + str(folder / "flower-basic-auth")) if not values.get(
@@ -155,7 +204,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if sandbox_url is not None:
             from .demo import instructions
 
-            lines.append(instructions(api_url, sandbox_url, demo_key))
+            lines.append(instructions(api_url, sandbox_url, demo_key, (folder / embedded.SESSION_FILE).resolve()))
         sup.say("credbroker", "\n".join(lines))
         sup.run()
     except Stopped as stop:

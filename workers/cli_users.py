@@ -19,7 +19,7 @@ from .cli_common import (
     table,
 )
 
-__all__ = ["register", "listing_status"]
+__all__ = ["register"]
 
 
 # -- resolve ---------------------------------------------------------------------------
@@ -50,20 +50,12 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 # -- credentials ---------------------------------------------------------------------------
 
 
-def listing_status(stored: Any, now: Any) -> str:
-    """The status a listing shows: a connected credential past its expiry reads ``expired``."""
-    from broker.models import CredentialStatus
-
-    status = stored.status
-    if status in (CredentialStatus.CONNECTED, CredentialStatus.DEGRADED) and stored.credential.is_expired(now):
-        return CredentialStatus.EXPIRED.value
-    return str(status.value)
-
-
 def cmd_credentials_list(args: argparse.Namespace) -> int:
     from broker.clock import utcnow
     from broker.servers import servers_from_settings
     from broker.validation import validate_user_id
+
+    from .credentials import credential_listing
 
     configure_logging()
     validate_user_id(args.user, "USER")
@@ -75,25 +67,16 @@ def cmd_credentials_list(args: argparse.Namespace) -> int:
     finally:
         store.engine.dispose()
     now = utcnow()
-    rows: list[dict[str, Any]] = []
-    for name in servers:
-        server = servers[name]
-        stored = by_key.get(server.key)
-        if stored is None:
-            rows.append({"server": name, "mode": server.mode.value, "status": "not_connected",
-                         "expires_at": None, "obtained_via": None, "scopes": []})
-            continue
-        cred = stored.credential
-        rows.append({"server": name, "mode": server.mode.value, "status": listing_status(stored, now),
-                     "expires_at": cred.expires_at.isoformat() if cred.expires_at else None,
-                     "obtained_via": cred.obtained_via.value, "scopes": list(cred.scopes)})
+    # The same rows as GET /v1/users/{user_id}/credentials.
+    rows = [credential_listing(servers[name], by_key.get(servers[name].key), now) for name in servers]
     if args.json:
         emit_json(rows)
     elif not rows:
         print("no servers configured (CREDBROKER_SERVERS_FILE)")
     else:
-        table([(r["server"], r["mode"], r["status"], r["expires_at"], r["obtained_via"], " ".join(r["scopes"]))
-               for r in rows], ["SERVER", "MODE", "STATUS", "EXPIRES_AT", "OBTAINED_VIA", "SCOPES"])
+        table([(r["server"], r["mode"], r["status"], r["expires_at"], r["obtained_via"], " ".join(r["scopes"]),
+                r["last_used_at"]) for r in rows],
+              ["SERVER", "MODE", "STATUS", "EXPIRES_AT", "OBTAINED_VIA", "SCOPES", "LAST_USED_AT"])
     return 0
 
 
@@ -176,8 +159,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     check_schema(engine)
     log = SqlAuditLog(engine)
     try:
-        events = log.query(user_id=args.user, server=args.server, limit=args.limit)
-        events.reverse()  # oldest first, like a log, so --follow appends below
+        events = log.query(user_id=args.user, server=args.server, limit=args.limit)  # newest first, as over HTTP
+        if args.follow:
+            events.reverse()  # oldest first, like a log, so new events append below
         if args.json and not args.follow:
             emit_json(events)
             return 0
@@ -217,9 +201,11 @@ def _positive(text: str) -> float:
 
 
 def _count(text: str) -> int:
+    from broker.audit import AUDIT_MAX_LIMIT
+
     value = int(text)
-    if not 1 <= value <= 10000:
-        raise argparse.ArgumentTypeError("must be between 1 and 10000")
+    if not 1 <= value <= AUDIT_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {AUDIT_MAX_LIMIT}")
     return value
 
 
@@ -280,10 +266,12 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_credentials_rm)
 
-    p = add_command(sub, "audit", "the audit trail, oldest first; --follow to keep watching", """
+    p = add_command(sub, "audit", "the audit trail, newest first; --follow to keep watching", """
         Show the most recent audit events (resolves, refreshes, connects,
-        revocations), oldest first. Events carry no secret. With --follow,
-        keep printing new events until Ctrl-C (JSON lines with --json).
+        revocations), newest first, as GET /v1/audit does (at most 1000).
+        Events carry no secret. With --follow, show them oldest first, like
+        a log, and keep printing new events below until Ctrl-C (JSON lines
+        with --json).
         Events reach the database within a second or two of happening.
         """, """
         credbroker audit --limit 20
@@ -292,7 +280,7 @@ def register(sub: Any) -> None:
         """)
     p.add_argument("--user", metavar="USER", help="only this user's events")
     p.add_argument("--server", metavar="SERVER", help="only this server's events")
-    p.add_argument("--limit", type=_count, default=50, metavar="N", help="events to show first (default 50)")
+    p.add_argument("--limit", type=_count, default=50, metavar="N", help="events to show first (default 50, at most 1000)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
                    help="how often --follow polls (default 1)")

@@ -32,6 +32,8 @@ from broker.validation import validate_server_name, validate_user_id
 from .auditstream import StreamAuditSink
 from .celery_app import TASK_RESOLVE, make_celery
 from .constants import RESULT_CHANNEL_PREFIX, cache_key, flight_key
+from .diagnose import explain_timeout
+from .embedded import session_environment
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
 from .runtime import redis_client
@@ -69,7 +71,8 @@ class BrokerClient:
         connection: redis.Redis | None = None,
         audit: StreamAuditSink | None = None,
     ) -> None:
-        s = settings or load_settings(environ)
+        # Beside a running `credbroker up` (its .credbroker/session.env), its settings apply here too.
+        s = settings or load_settings(session_environment() if environ is None else environ)
         changes: dict[str, Any] = {}
         if redis_url is not None:
             changes["redis_url"] = redis_url
@@ -260,8 +263,10 @@ class BrokerClient:
                     continue
                 return acq
         except BrokerError as exc:
+            if isinstance(exc, ResolveTimeout):
+                exc = explain_timeout(self.redis, self.celery.conf.task_default_queue)  # no worker? say so
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
-            raise
+            raise exc from None
         except (redis.RedisError, KombuOperationalError, OSError):
             exc2 = ServiceUnavailable("Redis unavailable")
             record_failure(self.audit, self.clock, user_id, server, exc2, request_id)

@@ -1,15 +1,43 @@
-"""Removing a user's credential, the same way from the API and the CLI."""
+"""A user's credentials, listed and removed the same way from the API and the CLI."""
 
 from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
 
 import redis
 
 from broker.errors import ServiceUnavailable, StoreDisabled
+from broker.models import CredentialStatus, StoredCredential
+from broker.servers import ServerConfig
 
 from .constants import cache_key
 from .runtime import Runtime
 
-__all__ = ["remove_credential"]
+__all__ = ["credential_listing", "remove_credential"]
+
+
+def credential_listing(server: ServerConfig, stored: StoredCredential | None, now: datetime) -> dict[str, Any]:
+    """One row of a user's listing: status and metadata, never a secret.
+
+    A connected credential past its expiry reads ``expired``.
+    """
+    if stored is None:
+        return {"server": server.name, "mode": server.mode.value, "status": CredentialStatus.NOT_CONNECTED.value,
+                "expires_at": None, "obtained_via": None, "scopes": [], "last_used_at": None}
+    cred = stored.credential
+    status = stored.status
+    if status in (CredentialStatus.CONNECTED, CredentialStatus.DEGRADED) and cred.is_expired(now):
+        status = CredentialStatus.EXPIRED
+    return {
+        "server": server.name,
+        "mode": server.mode.value,
+        "status": status.value,
+        "expires_at": cred.expires_at.isoformat() if cred.expires_at else None,
+        "obtained_via": cred.obtained_via.value,
+        "scopes": list(cred.scopes),
+        "last_used_at": stored.last_used_at.isoformat() if stored.last_used_at else None,
+    }
 
 
 def remove_credential(rt: Runtime, user_id: str, server_name: str, request_id: str | None = None) -> bool:

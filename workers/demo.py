@@ -93,18 +93,20 @@ def _curl(method: str, url: str, body: dict[str, str] | None = None) -> str:
     return " ".join(parts)
 
 
-def instructions(api_url: str, sandbox_url: str, key: str | None) -> str:
-    """What to type next; the key line is printed only for a key the demo made."""
+def instructions(api_url: str, sandbox_url: str, key: str | None, session_file: Path | None = None) -> str:
+    """What to type next (the README's tour is this text); the key is printed only if the demo made it."""
     key_line = f"KEY={key}" if key else "KEY=...   # one of your CREDBROKER_API_KEYS"
     resolve = {"user_id": DEMO_USER, "server": "demo-exchange"}
     connect = {"user_id": DEMO_USER, "server": "demo-connect"}
+    session = str(session_file) if session_file is not None else ".credbroker/session.env"
     return "\n".join([
         "",
         "credbroker demo is running. Press Ctrl-C to stop everything.",
         f"  API:          {api_url}",
         f"  sandbox IdP:  {sandbox_url}",
         "  servers:      " + ", ".join(f"{n} ({m})" for n, m in DEMO_SERVERS.items()),
-        f"  user:         {DEMO_USER} (a sandbox subject token is stored for this user)",
+        f"  user:         {DEMO_USER}, signed in: the demo stored a sandbox subject token for this user,",
+        "                as a gateway does at each sign-in (PUT /v1/users/{user_id}/subject-token)",
         "",
         f"  {key_line}",
         "",
@@ -116,6 +118,11 @@ def instructions(api_url: str, sandbox_url: str, key: str | None) -> str:
         "  # ... then resolve demo-connect the same way",
         "  " + _curl("POST", f"{api_url}/v1/resolve", connect),
         "",
+        "  # the user's credentials, and the audit trail (newest first)",
         "  " + _curl("GET", f"{api_url}/v1/users/{DEMO_USER}/credentials"),
+        "  " + _curl("GET", f"'{api_url}/v1/audit?user_id={DEMO_USER}&limit=20'"),
+        "",
+        "  # credbroker commands and BrokerClient() run in this folder use these settings;",
+        f"  # elsewhere, load them first: set -a; . {session}; set +a",
         "",
     ])

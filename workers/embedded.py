@@ -46,11 +46,13 @@ __all__ = [
     "secret_file",
     "embedded_keys",
     "redis_answers",
+    "redis_reachable",
     "start_private_redis",
     "prepare",
     "write_session",
     "read_session",
     "remove_session",
+    "session_environment",
     "DEV_WARNING",
 ]
 
@@ -61,6 +63,7 @@ MASTER_KEY_FILE = "master.key"
 # run in the same folder (``credentials list``, ``resolve``...) reach the same
 # database, keys and Redis.
 SESSION_FILE = "session.env"
+SESSION_PID = PREFIX + "UP_PID"  # not a setting: load_settings ignores it
 TRANSPORT_KEY_FILE = "transport.key"
 # A kid that says where the key came from when it shows up in a rotation report.
 DEV_KID = "dev"
@@ -158,6 +161,45 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         client.close()
 
 
+def redis_reachable(url: str, timeout: float = 1.0) -> bool:
+    """True when Redis answers at ``url``, False when nothing does.
+
+    A Redis that answers but refuses (a database index it does not have, a
+    missing or wrong password) is a configuration error, raised as one:
+    starting a private Redis beside it would hide the mistake.
+    """
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}REDIS_URL: not a valid Redis URL") from None
+    where = _where(url)
+    try:
+        return bool(client.ping())
+    except redis.AuthenticationError:  # a subclass of ConnectionError: test it first
+        raise ConfigError(f"{PREFIX}REDIS_URL: Redis at {where} answers but refuses the password "
+                          "(missing or wrong): put it in the URL, redis://:PASSWORD@host:port/db") from None
+    except redis.ResponseError as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        if "DB index" in reason:
+            db = urlsplit(url).path.lstrip("/") or "0"
+            raise ConfigError(f"{PREFIX}REDIS_URL: Redis at {where} answers but has no database {db} "
+                              f"({reason}; a default Redis has databases 0-15)") from None
+        raise ConfigError(f"{PREFIX}REDIS_URL: Redis at {where} answers but refuses: {reason}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _where(url: str) -> str:
+    """host:port of a Redis URL, without its password."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+    except ValueError:
+        return "CREDBROKER_REDIS_URL"
+
+
 def _loopback_url(url: str) -> bool:
     try:
         host = urlsplit(url).hostname
@@ -253,6 +295,9 @@ class Embedded:
 
 def prepare(values: Mapping[str, str], *, start_redis: bool = True) -> Embedded:
     """Fill the gaps in ``values`` (the configured ``CREDBROKER_*`` variables)."""
+    url = values.get(PREFIX + "REDIS_URL") or "redis://127.0.0.1:6379/0"
+    # First: a Redis that answers but refuses is a mistake to report before anything is generated.
+    reachable = redis_reachable(url) if start_redis else True
     folder = ensure_state_dir(state_dir(values))
     result = Embedded(folder=folder)
     keys = embedded_keys(values, folder)
@@ -261,8 +306,7 @@ def prepare(values: Mapping[str, str], *, start_redis: bool = True) -> Embedded:
         result.dev_keys = True
         for line in DEV_WARNING.format(where=f"{folder.resolve()}/").splitlines():
             log.warning("%s", line.rstrip())
-    url = values.get(PREFIX + "REDIS_URL") or "redis://127.0.0.1:6379/0"
-    if start_redis and not redis_answers(url):
+    if not reachable:
         if not _loopback_url(url):
             raise ServiceUnavailable("nothing answers at CREDBROKER_REDIS_URL (a remote Redis): is it down?")
         result.redis = start_private_redis(folder)
@@ -293,7 +337,8 @@ def write_session(folder: Path, values: Mapping[str, str], pid: int | None = Non
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(f"# written by credbroker up (pid {pid or os.getpid()}); removed when it stops\n")
-        out.write(f"PID={pid or os.getpid()}\n")
+        # Prefixed, so `set -a; . session.env` in a shell sets nothing but CREDBROKER_* variables.
+        out.write(f"{SESSION_PID}={pid or os.getpid()}\n")
         for key, value in sorted(values.items()):
             out.write(f"{key}={value}\n")
     return path
@@ -304,12 +349,25 @@ def read_session(values: Mapping[str, str]) -> tuple[int, dict[str, str]] | None
     path = state_dir(values) / SESSION_FILE
     try:
         data = read_env_file(path)
-        pid = int(data.pop("PID"))
+        pid = int(data.pop(SESSION_PID))
     except (ConfigError, KeyError, ValueError, OSError):
         return None
     if not _alive(pid):
         return None  # left behind by an up that was killed
     return pid, {k: v for k, v in data.items() if k.startswith(PREFIX)}
+
+
+def session_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment joined to a ``credbroker up`` running in this folder.
+
+    While ``up`` runs, the settings it filled in for its children (generated
+    keys, a private Redis, the demo's servers and API key) apply to the
+    commands and ``BrokerClient()`` run in the same folder too, as they do to
+    those children. With no ``up`` running this is the environment as is.
+    """
+    base = dict(os.environ if environ is None else environ)
+    session = read_session(configured(base))
+    return {**base, **(session[1] if session else {})}
 
 
 def remove_session(folder: Path) -> None:

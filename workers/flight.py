@@ -3,10 +3,17 @@
 The pair names a claim in Redis (``SET NX PX``) holding the random id of the
 one task in flight. Losers read that id and wait for its result; the claim is
 released by compare-and-delete once the result is stored; a waiter whose task
-failed or vanished (its claim expired without a result) claims again. A task
-verifies it holds the claim before doing any work and keeps it alive with a
-heartbeat, so a redelivered or superseded task never calls an authorization
-server alongside the live one.
+failed or vanished (its claim expired without a result) claims again.
+
+Claims are per execution: a running task replaces the bare task id with
+``task_id/nonce`` (a nonce per run), and its heartbeat and release compare that
+full value. A redelivered copy of the same task id (the Redis transport
+redelivers an unacknowledged message past its visibility timeout, running or
+not) finds another nonce and stands down. Joiners still read the task id.
+
+Claims tell callers whom to join; they are not what keeps two flights from
+presenting one refresh token: that is the credential row's lease
+(``broker.lease``), which holds even if Redis loses every key.
 """
 
 from __future__ import annotations
@@ -23,26 +30,48 @@ import redis
 
 from .constants import FLIGHT_HEARTBEAT_MS, RESULT_CHANNEL_PREFIX, TASK_ID_PREFIX
 
-__all__ = ["Claims", "FlightGuard", "ResultWaiter", "new_task_id"]
+__all__ = ["Claims", "FlightGuard", "ResultWaiter", "new_task_id", "execution_value", "task_of"]
 
 log = logging.getLogger(__name__)
 
-_CAS_DELETE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Delete if the value is ours. A bare task id (the sender's, or a caller done
+# with a finished task) also matches any execution of that task; an execution's
+# full value matches only itself.
+_CAS_DELETE = (
+    "local cur = redis.call('get', KEYS[1]) "
+    "if cur == false then return 0 end "
+    "if cur == ARGV[1] or (string.find(ARGV[1], '/', 1, true) == nil "
+    "and string.sub(cur, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '/') then return redis.call('del', KEYS[1]) end "
+    "return 0"
+)
 _CAS_EXTEND = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 )
-# Take a free claim, or confirm we hold it; either way leave it with the given TTL.
-_ACQUIRE_OR_CONFIRM = (
+# Enter an execution: take a free claim, or the bare task id the sender set, as
+# task_id/nonce; confirm our own value; refuse anything else (another execution
+# of this task id, or another task). ARGV: full value, task id, TTL.
+_ENTER = (
     "local cur = redis.call('get', KEYS[1]) "
-    "if cur == false then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end "
-    "if cur == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    "if cur == false or cur == ARGV[2] then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1 end "
+    "if cur == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[3]) return 1 end "
     "return 0"
 )
+_SEP = "/"
 _READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 def new_task_id() -> str:
     return TASK_ID_PREFIX + uuid.uuid4().hex
+
+
+def execution_value(task_id: str) -> str:
+    """The claim value of one execution of ``task_id`` (also its lease owner)."""
+    return task_id + _SEP + uuid.uuid4().hex[:16]
+
+
+def task_of(value: str) -> str:
+    """The task id in a claim value, bare or per execution."""
+    return value.split(_SEP, 1)[0]
 
 
 class Claims:
@@ -52,23 +81,32 @@ class Claims:
         self.client = client
         self._delete = client.register_script(_CAS_DELETE)
         self._extend = client.register_script(_CAS_EXTEND)
-        self._confirm = client.register_script(_ACQUIRE_OR_CONFIRM)
+        self._enter = client.register_script(_ENTER)
 
     def claim(self, key: str, task_id: str, ttl_ms: int) -> bool:
         return bool(self.client.set(key, task_id, nx=True, px=ttl_ms))
 
-    def holder(self, key: str) -> str | None:
+    def value(self, key: str) -> str | None:
+        """The raw claim value: a bare task id, or ``task_id/nonce`` once running."""
         value = self.client.get(key)
         return value.decode() if isinstance(value, bytes) else value
 
-    def release(self, key: str, task_id: str) -> bool:
-        return bool(self._delete(keys=[key], args=[task_id]))
+    def holder(self, key: str) -> str | None:
+        """The task id to join (whichever execution of it runs)."""
+        value = self.value(key)
+        return None if value is None else task_of(value)
 
-    def extend(self, key: str, task_id: str, ttl_ms: int) -> bool:
-        return bool(self._extend(keys=[key], args=[task_id, ttl_ms]))
+    def release(self, key: str, value: str) -> bool:
+        """Compare-and-delete: an execution's value frees only that execution's
+        claim; a bare task id frees the task's claim, whichever run holds it."""
+        return bool(self._delete(keys=[key], args=[value]))
 
-    def acquire_or_confirm(self, key: str, task_id: str, ttl_ms: int) -> bool:
-        return bool(self._confirm(keys=[key], args=[task_id, ttl_ms]))
+    def extend(self, key: str, value: str, ttl_ms: int) -> bool:
+        return bool(self._extend(keys=[key], args=[value, ttl_ms]))
+
+    def enter(self, key: str, value: str, ttl_ms: int) -> bool:
+        """Take the claim for one execution (``value`` from ``execution_value``)."""
+        return bool(self._enter(keys=[key], args=[value, task_of(value), ttl_ms]))
 
 
 class FlightGuard:
@@ -84,6 +122,8 @@ class FlightGuard:
         self.claims = claims
         self.key = key
         self.task_id = task_id
+        # This execution: its claim value and the owner of any lease it takes.
+        self.value = execution_value(task_id)
         self.ttl_ms = ttl_ms
         self._stop = threading.Event()
         self._lost = threading.Event()
@@ -92,7 +132,7 @@ class FlightGuard:
 
     def enter(self) -> bool:
         """True if this task holds the flight (a superseded redelivery does not)."""
-        if not self.claims.acquire_or_confirm(self.key, self.task_id, self.ttl_ms):
+        if not self.claims.enter(self.key, self.value, self.ttl_ms):
             return False
         self._confirmed_at = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name="flight-heartbeat", daemon=True)
@@ -108,7 +148,7 @@ class FlightGuard:
         interval = self.ttl_ms / 3000.0
         while not self._stop.wait(interval):
             try:
-                ok = self.claims.extend(self.key, self.task_id, self.ttl_ms)
+                ok = self.claims.extend(self.key, self.value, self.ttl_ms)
             except redis.RedisError:
                 # Unknown whether it landed: keep trying while the margin lasts.
                 log.warning("flight heartbeat: Redis unavailable")

@@ -1,81 +1,118 @@
-"""Process-local counters and histograms, rendered in Prometheus text format."""
+"""Metrics on ``prometheus_client``: per-process ones, and cluster-wide ones kept in Redis.
+
+Two kinds, because of where things happen:
+
+- **Per process** (resolves, flights, HTTP requests, connect callbacks): counted
+  by the process that serves the call, the API or a gateway's BrokerClient, in
+  ``prometheus_client`` metrics on this module's registry. Each API process
+  serves its own on ``/metrics``; scrape every replica. Several processes
+  behind one port (e.g. uvicorn ``--workers``) use ``prometheus_client``'s
+  multi-process mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty folder for
+  all of them and ``/metrics`` serves the sum.
+- **Cluster-wide** (provider calls, refreshes, beat scans): these happen in
+  worker pool processes, prefork or threaded, on any host, none of which
+  serves HTTP; they are added up in one Redis hash (``cluster_incr``), read at
+  scrape time by a ``prometheus_client`` collector. Every API process shows
+  the same cluster totals.
+
+Metric names are those of the hand-rolled exporter this replaces; labels never
+hold user data (no user id, no server name from a request).
+"""
 
 from __future__ import annotations
 
+import os
 import threading
-from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS", "CLUSTER_HASH", "ClusterCollector", "cluster_incr",
+           "cluster_set", "render_cluster"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join('{}="{}"'.format(k, v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")) for k, v in labels)
-    return "{" + inner + "}"
+def _base(name: str) -> str:
+    """prometheus_client names a counter without ``_total`` and adds it to the sample."""
+    return name[: -len("_total")] if name.endswith("_total") else name
 
 
 class Metrics:
-    """Counters and histograms with fixed label sets; labels never hold user data."""
+    """Counters, gauges and histograms by name, each with a fixed label set.
 
-    def __init__(self) -> None:
+    A thin facade over ``prometheus_client`` so call sites say
+    ``METRICS.inc("credbroker_resolves_total", outcome="ok", path="fast")``;
+    a metric is created on first use, with the label names of that use.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
         self._help: dict[str, tuple[str, str]] = {}
-        self._hist: dict[str, dict[tuple[tuple[str, str], ...], list[float]]] = defaultdict(dict)
+        self._metrics: dict[str, Any] = {}
 
     def describe(self, name: str, kind: str, text: str) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"unknown metric kind {kind!r}")
         self._help[name] = (kind, text)
 
+    def _metric(self, name: str, default_kind: str, labels: dict[str, str]) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            with self._lock:
+                metric = self._metrics.get(name)
+                if metric is None:
+                    kind, text = self._help.get(name, (default_kind, name))
+                    options: dict[str, Any] = {"buckets": LATENCY_BUCKETS} if kind == "histogram" else {}
+                    if kind == "gauge" and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                        options["multiprocess_mode"] = "livesum"
+                    metric = _KINDS[kind](_base(name) if kind == "counter" else name, text,
+                                          labelnames=sorted(labels), registry=self.registry, **options)
+                    self._metrics[name] = metric
+        return metric.labels(**labels) if labels else metric
+
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._counters[name]
-            series[key] = series.get(key, 0.0) + amount
+        self._metric(name, "counter", labels).inc(amount)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._counters[name][key] = value
+        self._metric(name, "gauge", labels).set(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._hist[name].get(key)
-            if series is None:
-                series = self._hist[name][key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if value <= bound:
-                    series[i] += 1
-            series[-2] += 1  # count
-            series[-1] += value  # sum
+        self._metric(name, "histogram", labels).observe(value)
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        """This process's current value of a counter or gauge (0 when never touched)."""
+        found = self.registry.get_sample_value(name, labels)
+        return float(found) if found is not None else 0.0
 
     def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            for name, series in sorted(self._counters.items()):
-                kind, text = self._help.get(name, ("counter", name))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-                for key, v in sorted(series.items()):
-                    lines.append(f"{name}{_labels(key)} {v:g}")
-            for name, hseries in sorted(self._hist.items()):
-                _, text = self._help.get(name, ("histogram", name))
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-                for key, b in sorted(hseries.items()):
-                    for i, bound in enumerate(LATENCY_BUCKETS):
-                        lines.append(f"{name}_bucket{_labels(key + (('le', f'{bound:g}'),))} {b[i]:g}")
-                    lines.append(f"{name}_bucket{_labels(key + (('le', '+Inf'),))} {b[-2]:g}")
-                    lines.append(f"{name}_count{_labels(key)} {b[-2]:g}")
-                    lines.append(f"{name}_sum{_labels(key)} {b[-1]:.6f}")
-        return "\n".join(lines) + "\n"
+        """The Prometheus text format: this process's metrics, or all processes' in multi-process mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined).decode()
+        return generate_latest(self.registry).decode()
 
 
+def _no_created_series() -> None:
+    # The *_created samples add a series per label set and say nothing a scrape needs.
+    try:
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()
+    except ImportError:  # older prometheus_client: they stay
+        pass
+
+
+_no_created_series()
 METRICS = Metrics()
 METRICS.describe("credbroker_resolves_total", "counter", "Resolves by outcome (error code or ok) and path (fast or flight)")
 METRICS.describe("credbroker_resolve_seconds", "histogram", "Resolve latency by path")
@@ -85,7 +122,8 @@ METRICS.describe("credbroker_flights_started_total", "counter", "Flights started
 
 # -- cluster-wide counters -----------------------------------------------------------
 # Provider calls, refreshes and beat scans happen in worker processes; they are
-# counted in one Redis hash so any API process can serve them on /metrics.
+# counted in one Redis hash so any API process can serve them on /metrics. A
+# field is one sample in the text format, ``name{label="value"}``.
 
 CLUSTER_HASH = "credbroker:metrics"
 _CLUSTER_HELP = {
@@ -98,11 +136,17 @@ _CLUSTER_HELP = {
     "credbroker_server_circuit_state": ("gauge", "Circuit breaker per server: 0 closed, 1 open, 2 half-open"),
     "credbroker_server_refusals_total": ("counter", "Calls the broker declined by server and reason "
                                          "(circuit_open, server_busy)"),
+    "credbroker_rotation_lost_total": ("counter", "Refresh tokens found spent by a flight whose outcome was lost "
+                                                  "(lease expired mid-call); each user must reconnect"),
 }
 
 
 def _field(name: str, labels: dict[str, str]) -> str:
-    return name + _labels(tuple(sorted(labels.items())))
+    if not labels:
+        return name
+    inner = ",".join('{}="{}"'.format(k, v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
+                     for k, v in sorted(labels.items()))
+    return name + "{" + inner + "}"
 
 
 def cluster_incr(client: object, name: str, amount: int = 1, **labels: str) -> None:
@@ -120,15 +164,36 @@ def cluster_set(client: object, name: str, value: float, **labels: str) -> None:
         pass
 
 
+class ClusterCollector(Collector):
+    """The cluster-wide counters, read from Redis at each scrape."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Metric]:
+        raw = self.client.hgetall(CLUSTER_HASH)
+        lines = []
+        for field, value in raw.items():
+            field = field.decode() if isinstance(field, bytes) else str(field)
+            value = value.decode() if isinstance(value, bytes) else str(value)
+            lines.append(f"{field} {float(value)!r}")
+        families: dict[str, Metric] = {}
+        # The stored fields are samples in the text format: let prometheus_client's parser read them.
+        for parsed in text_string_to_metric_families("\n".join(sorted(lines)) + "\n"):
+            for sample in parsed.samples:
+                kind, text = _CLUSTER_HELP.get(sample.name, ("counter", sample.name))
+                family = families.get(sample.name)
+                if family is None:
+                    labels = sorted(sample.labels)
+                    family = (CounterMetricFamily(_base(sample.name), text, labels=labels) if kind == "counter"
+                              else GaugeMetricFamily(sample.name, text, labels=labels))
+                    families[sample.name] = family
+                family.add_metric([sample.labels[k] for k in sorted(sample.labels)], sample.value)
+        yield from families.values()
+
+
 def render_cluster(client: object) -> str:
-    raw = client.hgetall(CLUSTER_HASH)  # type: ignore[attr-defined]
-    series: dict[str, list[str]] = {}
-    for field, value in sorted((k.decode() if isinstance(k, bytes) else k, v) for k, v in raw.items()):
-        name = field.split("{", 1)[0]
-        number = float(value.decode() if isinstance(value, bytes) else value)
-        series.setdefault(name, []).append(f"{field} {number:g}")
-    lines: list[str] = []
-    for name, rows in series.items():
-        kind, text = _CLUSTER_HELP.get(name, ("counter", name))
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows]
-    return "\n".join(lines) + ("\n" if lines else "")
+    """The cluster-wide counters in the text format (raises redis.RedisError when Redis is down)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(client))
+    return generate_latest(registry).decode()

@@ -20,6 +20,7 @@ from broker.clock import Clock, SystemClock
 from broker.connect import ConnectFlow
 from broker.crypto import DecryptError, Sealer
 from broker.db import make_engine
+from broker.lease import lease_seconds
 from broker.oauth.client import OAuthClient
 from broker.oauth.discovery import MetadataCache
 from broker.oauth.sender import TokenEndpointSender, make_http_client
@@ -99,7 +100,8 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     connect = None
     if sealer is not None:
         connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, sealer), audit, clock,
-                              settings.callback_url, settings.state_ttl_seconds)
+                              settings.callback_url, settings.state_ttl_seconds,
+                              lease_seconds=lease_seconds(settings))
     policy = load_policy(settings.policy)
     # Flights call providers through the per-server limiter and breaker.
     guard = ServerGuard(client, GuardLimits.from_settings(settings), clock)
@@ -107,7 +109,9 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
         servers, store, GuardedOAuth(oauth, guard), audit, clock, policy=policy,
         connect_url=pending_connect_url(client, sealer, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
+        lease_seconds=lease_seconds(settings), lease_margin=settings.lease_margin_seconds,
     )
+    resolver.on_rotation_lost = lambda server: cluster_incr(client, "credbroker_rotation_lost_total", server=server)
     # Flight heartbeats get their own connection with a short timeout, so one
     # stalled extension is noticed well before the claim could expire.
     heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)

@@ -10,6 +10,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery.exceptions import Ignore
 from celery.signals import task_postrun, task_revoked, worker_process_init
 
 from broker.audit import Action, Outcome, SqlAuditLog
@@ -81,15 +82,18 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
     slot_wait.set(REFRESH_MAX_WAIT_SECONDS if trigger == "refresh" else MAX_WAIT_SECONDS)
     guard = FlightGuard(rt.heartbeat_claims, flight_key(user_id, server.key), task_id)
     if not guard.enter():
-        # A redelivered or superseded task: another flight owns the pair now.
+        # A redelivered copy of a running task, or a superseded task: another
+        # execution owns the pair now.
         return {"superseded": True}
+    _executions[task_id] = guard.value
     try:
+        # The execution's claim value is also its lease owner in the row.
         if trigger == "refresh":
-            acq = rt.resolver.renew_if_due(user_id, server_name, guard=guard.holds)
+            acq = rt.resolver.renew_if_due(user_id, server_name, owner=guard.value)
             if acq is None:
                 return {"error": NoCredential("nothing to refresh").to_dict(), "trigger": "refresh"}
         else:
-            acq = rt.resolver.acquire(user_id, server_name, guard=guard.holds)
+            acq = rt.resolver.acquire(user_id, server_name, owner=guard.value)
         if acq.action is Action.REFRESH:
             cluster_incr(rt.redis, "credbroker_refreshes_total", trigger="proactive" if trigger == "refresh" else "resolve",
                          outcome=acq.outcome.value)
@@ -109,6 +113,11 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
         guard.exit()
 
 
+# task id -> the claim value of its execution running in this process, so the
+# post-run hook releases exactly that execution's claim.
+_executions: dict[str, str] = {}
+
+
 def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[str, Any]:
     try:
         rt = runtime()
@@ -117,7 +126,13 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str) -> dict[s
     except Exception as exc:  # noqa: BLE001 - e.g. a policy module failing to import: no message in Redis
         log.error("worker runtime could not be built: %s", type(exc).__name__)
         return {"error": BrokerError().to_dict(), "trigger": trigger}
-    return execute_flight(rt, task_id, user_id, server, trigger)
+    result = execute_flight(rt, task_id, user_id, server, trigger)
+    if result.get("superseded"):
+        # Store nothing: a redelivered copy must not overwrite (or pre-empt) the
+        # running execution's result under the same task id.
+        log.info("flight task superseded by another execution; standing down")
+        raise Ignore()
+    return result
 
 
 def _count_start() -> None:
@@ -232,11 +247,14 @@ def _release_claim(sender: Any = None, task_id: str | None = None, args: Any = N
     """The result is stored: release the pair's claim if this task still holds it."""
     if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH) or not task_id or not args:
         return
+    value = _executions.pop(task_id, None)
+    if value is None:
+        return  # superseded: the claim belongs to another execution
     try:
         rt = runtime()
         server = rt.servers.get(args[1])
         if server is not None:
-            rt.claims.release(flight_key(args[0], server.key), task_id)
+            rt.claims.release(flight_key(args[0], server.key), value)
     except Exception as exc:  # noqa: BLE001
         log.warning("claim release failed: %s", type(exc).__name__)
 

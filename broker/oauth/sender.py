@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .. import __version__
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamOutcomeUnknown
 from ..settings import Settings
 from .backoff import retry_delay
 from .forms import TokenRequest
@@ -161,12 +161,17 @@ class TokenEndpointSender:
             with self._http.stream(method, url, data=form, headers=all_headers) as response:
                 body = _read_capped(response)
                 return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
-        except httpx.TimeoutException:
+        except (httpx.ConnectTimeout, httpx.PoolTimeout):
             raise UpstreamError("authorization server timed out", retryable=True) from None
+        except httpx.TimeoutException:
+            # Read or write timed out: the server may have the request, and acted on it.
+            raise UpstreamOutcomeUnknown("authorization server timed out", retryable=True) from None
         except httpx.UnsupportedProtocol:
             raise UpstreamError("invalid authorization server URL") from None
-        except httpx.TransportError:
+        except httpx.ConnectError:
             raise UpstreamError("could not reach authorization server", retryable=True) from None
+        except httpx.TransportError:
+            raise UpstreamOutcomeUnknown("could not reach authorization server", retryable=True) from None
         except httpx.InvalidURL:
             raise UpstreamError("invalid authorization server URL") from None
 
@@ -180,6 +185,11 @@ class TokenEndpointSender:
             except UpstreamError as exc:
                 error = exc
                 outcome = "network"
+                if isinstance(exc, UpstreamOutcomeUnknown) and grant == "refresh_token":
+                    # The token may be spent: sending it again would present it twice.
+                    log.warning("authorization server host=%s grant=%s attempt=%d: no answer; "
+                                "not retried (the refresh token may be spent)", host, grant, attempt)
+                    raise
             else:
                 error = None if 200 <= status < 300 else parse_error_response(status, headers, body)
                 if error is None or not error.retryable:

@@ -85,10 +85,14 @@ class _Front:
 async def _front(provider: SandboxProvider, request: Request, endpoint: str) -> _Front:
     if not provider.issuer:
         provider.issuer = str(request.base_url).rstrip("/")
+    provider.count_arrival(endpoint)  # before any latency: a test can see a call in progress
+    # The whole request is read before the latency, as a real server has it before
+    # it works on it: a client that dies during the delay loses the response, and
+    # the request (a refresh token presented, maybe rotated) still counts.
+    form: Form = await request.form() if request.method == "POST" else request.query_params
     delay = provider.latency_seconds(endpoint)
     if delay:
         await asyncio.sleep(delay)
-    form: Form = await request.form() if request.method == "POST" else request.query_params
     client: ClientCredentials | OAuthError
     try:
         client = extract_client(request.headers, form)

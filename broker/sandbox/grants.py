@@ -162,6 +162,7 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
     if record is None:
         raise OAuthError("invalid_grant", "unknown refresh token")
     family = store.families[record.family_id]
+    provider.count_presentation(record.token, family.sub)
     if family.client_id != client_id:
         raise OAuthError("invalid_grant", "refresh token was issued to another client")
     if family.revoked:

@@ -28,7 +28,10 @@ def revoke(provider: SandboxProvider, client_id: str, token: str) -> bool:
             family = store.families[record.family_id]
             if family.client_id != client_id:
                 return False
-            store.revoke_family(family.family_id)
+            if provider.revoke_family:
+                store.revoke_family(family.family_id)
+            else:
+                del store.refresh[token]  # this token only; its successors stay live
             provider.count_revocation()
             return True
         try:

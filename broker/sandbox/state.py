@@ -27,7 +27,7 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
-                 "client_profiles", "grantable_scopes")
+                 "client_profiles", "grantable_scopes", "revoke_family")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -45,6 +45,7 @@ class SandboxProvider:
         refresh_reuse_grace: float = 0.0,
         client_profiles: dict[str, str] | None = None,
         grantable_scopes: list[str] | None = None,
+        revoke_family: bool = True,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -64,6 +65,7 @@ class SandboxProvider:
             "client_profiles": {k: check_profile_name(v) for k, v in (client_profiles or {}).items()},
             # None: consent grants every requested scope; else only these (a narrowed grant).
             "grantable_scopes": None if grantable_scopes is None else list(grantable_scopes),
+            "revoke_family": revoke_family,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -76,6 +78,9 @@ class SandboxProvider:
         self.refresh_reuse_grace = refresh_reuse_grace
         self.client_profiles: dict[str, str] = {}
         self.grantable_scopes: list[str] | None = None
+        # False: revoking a refresh token kills only that token, as some
+        # providers do (RFC 7009 leaves it open), not its whole family.
+        self.revoke_family = revoke_family
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -96,7 +101,7 @@ class SandboxProvider:
                     value = None if value is None else [str(v) for v in value]
                 elif name == "refresh_reuse_grace":
                     value = float(value)
-                elif name == "rotate_refresh_tokens":
+                elif name in ("rotate_refresh_tokens", "revoke_family"):
                     value = bool(value)
                 else:
                     value = int(value)
@@ -121,6 +126,10 @@ class SandboxProvider:
             self._reuse_detected = 0
             self._grace_reuses = 0
             self._refresh_rotations = 0
+            # refresh token -> times presented, and the tokens presented twice or more per user
+            self._presented: dict[str, int] = {}
+            self._presented_twice_by_user: dict[str, int] = {}
+            self._arrivals: dict[str, int] = {}  # requests that reached the front door, per endpoint
             self._faults_served = 0
 
     # -- tokens ------------------------------------------------------------
@@ -221,6 +230,18 @@ class SandboxProvider:
         with self.lock:
             self._grace_reuses += 1
 
+    def count_arrival(self, endpoint: str) -> None:
+        with self.lock:
+            self._arrivals[endpoint] = self._arrivals.get(endpoint, 0) + 1
+
+    def count_presentation(self, token: str, sub: str) -> None:
+        """A known refresh token was presented; the second time counts it as reused."""
+        with self.lock:
+            n = self._presented.get(token, 0) + 1
+            self._presented[token] = n
+            if n == 2:
+                self._presented_twice_by_user[sub] = self._presented_twice_by_user.get(sub, 0) + 1
+
     def count_rotation(self) -> None:
         with self.lock:
             self._refresh_rotations += 1
@@ -235,6 +256,10 @@ class SandboxProvider:
                 "reuse_detected": self._reuse_detected,
                 "grace_reuses": self._grace_reuses,
                 "refresh_rotations": self._refresh_rotations,
+                "refresh_presentations": sum(self._presented.values()),
+                "refresh_presented_twice": sum(self._presented_twice_by_user.values()),
+                "presented_twice_by_user": dict(self._presented_twice_by_user),
+                "arrivals": dict(self._arrivals),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
             }

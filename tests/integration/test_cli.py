@@ -425,8 +425,8 @@ def test_up_with_no_settings_comes_up_and_ctrl_c_stops_the_tree(up_factory: Any,
     up = up_factory()
     tree = up.wait_ready()
     names = " ".join(line for _, line in tree.values())
-    for part in ("workers.cli api", "celery -A workers.celery_app worker", "celery -A workers.celery_app beat",
-                 "redis-server"):
+    for part in ("workers.cli api", "celery -A workers.celery_app --quiet worker",
+                 "celery -A workers.celery_app --quiet beat", "redis-server"):
         assert part in names
     state = tmp_path / ".credbroker"
     assert oct(state.stat().st_mode & 0o777) == "0o700"
@@ -457,6 +457,25 @@ def test_up_demo_resolves_and_connects(up_factory: Any) -> None:
     tree = up.wait_ready()
     key = wait_for(lambda: re.search(r"KEY=(\S+)", up.text()), 30, what="the demo API key").group(1)
     auth = {"Authorization": f"Bearer {key}"}
+    # The instructions come last, once a worker answers: no Celery banner scrolls them away.
+    printed = up.text()
+    lines = printed.splitlines()
+    after = lines[next(i for i, ln in enumerate(lines) if "credbroker demo is running" in ln):]
+    assert all(line.startswith("credbroker|") for line in after), after
+    assert "celery beat v" not in printed and "[queues]" not in printed
+    # The first command works exactly as printed (a shell, the printed key).
+    first_curl = next(ln.split("|", 1)[1].strip() for ln in after if ln.split("|", 1)[1].strip().startswith("curl"))
+    shell = subprocess.run(["bash", "-c", first_curl], env={**os.environ, "KEY": key}, capture_output=True,
+                           text=True, timeout=60)
+    assert json.loads(shell.stdout)["obtained_via"] == "token_exchange", shell.stdout + shell.stderr
+    register(json.loads(shell.stdout)["value"].split(" ", 1)[1])
+    # BrokerClient() in the same folder finds the demo's settings (README "From Python").
+    snippet = ("from workers.client import BrokerClient\n"
+               "with BrokerClient() as client:\n"
+               "    print(client.resolve('demo-user', 'demo-exchange', timeout=30).obtained_via)\n")
+    python = subprocess.run([sys.executable, "-c", snippet], env=cli_env(REDIS_URL="redis://127.0.0.1:1/0"),
+                            cwd=str(up.workdir), capture_output=True, text=True, timeout=90)
+    assert python.returncode == 0 and python.stdout.strip() == "token_exchange", python.stderr[-2000:]
     with httpx.Client(base_url=up.url, headers=auth, timeout=60) as api:
         answer = api.post("/v1/resolve", json={"user_id": "demo-user", "server": "demo-exchange"})
         assert answer.status_code == 200, answer.text

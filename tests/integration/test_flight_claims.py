@@ -43,3 +43,27 @@ def test_guard_confirms_its_own_claim_and_a_superseded_task_stands_down(claims: 
     assert not guard.holds()
     guard.exit()
     claims.release(key, mine)
+
+
+def test_claims_are_per_execution(claims: Claims) -> None:
+    key = "credbroker-test:flight:" + new_task_id()
+    task = new_task_id()
+    assert claims.claim(key, task, 30000)  # the sender's claim: the bare task id
+    first = FlightGuard(claims, key, task, ttl_ms=3000)
+    copy = FlightGuard(claims, key, task, ttl_ms=3000)  # a redelivered copy of the same task id
+    assert first.enter()
+    assert claims.value(key) == first.value and first.value.startswith(task + "/")
+    assert claims.holder(key) == task  # joiners still find the task id
+    assert copy.enter() is False  # another execution of this task id runs: stand down
+    assert claims.release(key, copy.value) is False and claims.value(key) == first.value
+    assert claims.extend(key, copy.value, 3000) is False
+    assert claims.release(key, first.value) is True and claims.holder(key) is None
+    first.exit()
+    # a caller done with a finished task frees its claim whichever execution holds it
+    other = new_task_id()
+    assert claims.claim(key, other, 30000)
+    run = FlightGuard(claims, key, other, ttl_ms=3000)
+    assert run.enter()
+    assert claims.release(key, other + "x") is False
+    assert claims.release(key, other) is True and claims.holder(key) is None
+    run.exit()

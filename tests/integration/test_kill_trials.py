@@ -37,8 +37,13 @@ def pool_children(pid: int) -> list[int]:
 def test_kill_during_refresh_loses_nothing(tmp_path: Path, sandbox: Any) -> None:
     sandbox.provider.configure(access_token_ttl=2, rotate_refresh_tokens=True, refresh_reuse_grace=30)
     sandbox.provider.set_latency("token", 40)
+    # A short lease (1 s call budget + 1 s margin): a flight killed mid-call holds
+    # the row for that long, then the next flight presents the token once more.
     c = Cluster(tmp_path, sandbox.url, extra_env={
-        "CREDBROKER_NEAR_EXPIRY_SECONDS": "0.2", "CREDBROKER_REFRESH_FRACTION": "0.3"})
+        "CREDBROKER_NEAR_EXPIRY_SECONDS": "0.2", "CREDBROKER_REFRESH_FRACTION": "0.3",
+        "CREDBROKER_HTTP_CONNECT_TIMEOUT": "0.5", "CREDBROKER_HTTP_READ_TIMEOUT": "1",
+        "CREDBROKER_PROVIDER_MAX_ATTEMPTS": "1", "CREDBROKER_PROVIDER_RETRY_SECONDS": "0",
+        "CREDBROKER_LEASE_MARGIN_SECONDS": "1"})
     rng = random.Random(7)
     counts: Counter[str] = Counter()
     try:

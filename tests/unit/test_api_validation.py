@@ -187,6 +187,8 @@ def test_auth_on_every_v1_route_and_metrics(app: Starlette) -> None:
             r = call(app, method, path, headers=headers)
             assert r.status_code == 401, (method, path)
             assert r.json()["error"] == "unauthorized"
+            # Says where a key comes from, and where the demo keeps its key.
+            assert "CREDBROKER_API_KEYS" in r.json()["message"] and "demo-api-key" in r.json()["message"]
             assert r.headers["www-authenticate"] == "Bearer"
             assert r.headers["x-request-id"]
     assert call(app, "GET", "/metrics", headers={"Authorization": "Bearer other-key-0123456789abc"}).status_code == 200
@@ -203,6 +205,7 @@ def test_no_keys_refuses_v1(tmp_path: Path, secret_guard: Any) -> None:
         r = call(app, "POST", "/v1/resolve", json={"user_id": "a", "server": "tx"},
                  headers={"Authorization": "Bearer "})
         assert r.status_code == 401 and "no API keys configured" in r.json()["message"]
+        assert "set CREDBROKER_API_KEYS" in r.json()["message"]
         assert call(app, "GET", "/healthz").status_code == 200
     finally:
         app.state.api.close()
@@ -258,7 +261,7 @@ def test_subject_token_body_rules(app: Starlette) -> None:
 
 
 def test_audit_query_rules(app: Starlette) -> None:
-    for query, field in [("limit=0", "limit"), ("since=yesterday", "since"), ("user=a", "query"),
+    for query, field in [("limit=0", "limit"), ("limit=1001", "limit"), ("since=yesterday", "since"), ("user=a", "query"),
                          ("user_id=a%2Fb", "user_id")]:
         r = call(app, "GET", "/v1/audit?" + query, headers=AUTH)
         assert r.status_code == 422 and r.json()["message"].startswith(field + ":"), query

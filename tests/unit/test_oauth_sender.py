@@ -24,6 +24,13 @@ REQ = TokenRequest(
     headers={"Authorization": "Basic Y2xpZW50LVNFQ1JFVC0y"},
 )
 OK = json.dumps({"access_token": SECRETS[2]}).encode()
+# Nothing in an exchange is spent by sending it: its timeouts may be retried.
+EXCHANGE = TokenRequest(
+    url=URL,
+    form={"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": SECRETS[0],
+          "client_secret": SECRETS[1]},
+    headers={},
+)
 
 
 class FakeTime:
@@ -177,8 +184,23 @@ def test_invalid_grant_is_not_retried() -> None:
 def test_timeouts_are_retried() -> None:
     clock = FakeTime()
     handler, seen = scripted(httpx.ReadTimeout("slow"), httpx.ConnectTimeout("slow"), resp(200, OK))
-    assert make_sender(handler, clock).send(REQ)[2] == OK
+    assert make_sender(handler, clock).send(EXCHANGE)[2] == OK
     assert len(seen) == 3 and len(clock.sleeps) == 2
+
+
+def test_a_refresh_that_may_have_arrived_is_not_sent_again() -> None:
+    from broker.errors import UpstreamOutcomeUnknown
+
+    for lost in (httpx.ReadTimeout("slow"), httpx.WriteTimeout("slow"), httpx.RemoteProtocolError("cut")):
+        clock = FakeTime()
+        handler, seen = scripted(lost, resp(200, OK))
+        with pytest.raises(UpstreamOutcomeUnknown):
+            make_sender(handler, clock).send(REQ)
+        assert len(seen) == 1 and clock.sleeps == []  # presented once: its outcome is the server's secret
+    # never reached the server: safe to send again
+    clock = FakeTime()
+    handler, seen = scripted(httpx.ConnectTimeout("slow"), httpx.ConnectError("refused"), resp(200, OK))
+    assert make_sender(handler, clock).send(REQ)[2] == OK and len(seen) == 3
 
 
 def test_timeouts_exhausted_raise_a_coarse_retryable_error() -> None:
@@ -312,7 +334,7 @@ def test_get_returns_non_retryable_statuses() -> None:
 def test_logs_carry_no_secrets(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeTime()
     error_body = json.dumps({"error": "invalid_grant", "error_description": SECRETS[3]}).encode()
-    handler, _ = scripted(resp(503, error_body), httpx.ReadTimeout(SECRETS[3]), resp(200, OK))
+    handler, _ = scripted(resp(503, error_body), httpx.ConnectTimeout(SECRETS[3]), resp(200, OK))
     with caplog.at_level(logging.DEBUG):
         make_sender(handler, clock).send(REQ)
         handler, _ = scripted(resp(400, error_body))

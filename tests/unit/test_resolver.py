@@ -270,17 +270,117 @@ def test_proactive_renewal_only_when_due(env) -> None:  # type: ignore[no-untype
     assert resolver.renew_if_due("alice", "tx") is not None and len(oauth.calls) == 2  # already done
 
 
-def test_a_flight_that_lost_its_claim_asks_no_provider(env) -> None:  # type: ignore[no-untyped-def]
+def test_a_lease_held_elsewhere_keeps_this_flight_off_the_provider(env) -> None:  # type: ignore[no-untyped-def]
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    clock.advance(560)  # due, still valid
+    row = store.get("alice", key)
+    assert row is not None and store.take_lease(row, "other-flight", 60).taken
+    served = resolver.acquire("alice", "gh", owner="me")
+    assert served.reason == "renewal_in_progress" and oauth.calls == []
+    # Expired: wait for the holder; it stores a renewal, which this flight serves.
+    clock.advance(100)
+    renewed = oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True)
+
+    def holder_finishes(_: float) -> None:
+        assert store.compare_and_swap("alice", key, row.version, renewed, lease_owner="other-flight") is not None
+
+    resolver._sleep = holder_finishes
+    got = resolver.acquire("alice", "gh", owner="me")
+    assert got.reason == "refreshed_elsewhere" and got.credential == renewed and oauth.calls == []
+
+
+def test_an_expired_lease_then_invalid_grant_is_a_lost_rotation(env) -> None:  # type: ignore[no-untyped-def]
+    from tests.cluster import wait_for
+
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    row = store.get("alice", key)
+    assert row is not None and store.take_lease(row, "killed-flight", 0.2).taken
+    lost: list[str] = []
+    resolver.on_rotation_lost = lost.append
+    resolver.lease_seconds = 0.05  # do not wait long for the dead flight while its lease runs
+    clock.advance(700)
+    oauth.fail = UpstreamError("spent", oauth_error="invalid_grant", status=400)
+
+    def attempt() -> bool:
+        try:
+            resolver.acquire("alice", "gh", owner="next")
+        except NotConnected:
+            return True
+        except Exception:  # noqa: BLE001 - the dead flight's lease has not expired yet
+            return False
+        return False
+
+    wait_for(attempt, 5, 0.05, what="the dead flight's lease to expire")
+    after = store.get("alice", key)
+    assert after is not None and after.status is CredentialStatus.NEEDS_RECONNECT and after.failure == "rotation_lost"
+    assert lost == ["gh"] and len(oauth.calls) == 1  # presented once, not retried
+    assert any(e.reason == "rotation_lost" for e in audit.events)
+
+
+def test_a_status_write_mid_refresh_does_not_strand_the_rotated_token(env) -> None:  # type: ignore[no-untyped-def]
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    clock.advance(700)
+    real_refresh = oauth.refresh
+
+    def refresh_with_status_write(server: ServerConfig, credential: Credential) -> Credential:
+        store.set_status("alice", key, CredentialStatus.DEGRADED, failure="temporarily_unavailable")
+        return real_refresh(server, credential)
+
+    oauth.refresh = refresh_with_status_write
+    got = resolver.acquire("alice", "gh", owner="me")
+    stored = store.get("alice", key)
+    assert stored is not None and stored.credential == got.credential  # served only what is stored
+    assert stored.status is CredentialStatus.CONNECTED and stored.lease_owner is None
+
+
+def test_a_lease_lost_mid_call_serves_nothing_unstored(env) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import update
+
+    from broker.db import credentials as T
     from broker.errors import ServiceUnavailable
 
     resolver, store, oauth, audit, clock = env
     key = SERVERS["gh"].key
     store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
-    clock.advance(500)
-    with pytest.raises(ServiceUnavailable, match="lost its claim"):
-        resolver.acquire("alice", "gh", guard=lambda: False)
-    subject(store, "bob", clock)
+    clock.advance(700)
+    real_refresh = oauth.refresh
+
+    def refresh_while_taken_over(server: ServerConfig, credential: Credential) -> Credential:
+        with store.engine.begin() as conn:  # as if our lease expired and another flight took it
+            conn.execute(update(T).values(lease_owner="usurper"))
+        return real_refresh(server, credential)
+
+    oauth.refresh = refresh_while_taken_over
+    before = store.get("alice", key)
     with pytest.raises(ServiceUnavailable):
-        resolver.acquire("bob", "tx", guard=lambda: False)
-    assert oauth.calls == []
-    assert resolver.acquire("alice", "gh", guard=lambda: True).action.value == "refresh"
+        resolver.acquire("alice", "gh", owner="me")
+    after = store.get("alice", key)
+    assert before is not None and after is not None and after.version == before.version
+
+
+def test_a_refresh_with_no_answer_leaves_its_outcome_unknown(env) -> None:  # type: ignore[no-untyped-def]
+    from broker.errors import UpstreamOutcomeUnknown
+
+    resolver, store, oauth, audit, clock = env
+    key = SERVERS["gh"].key
+    store.put("alice", key, oauth._issue(ObtainedVia.CONNECT_FLOW, refresh=True))
+    clock.advance(700)  # expired
+    oauth.fail = UpstreamOutcomeUnknown("authorization server timed out", retryable=True)
+    with pytest.raises(UpstreamError):
+        resolver.acquire("alice", "gh", owner="first")
+    row = store.get("alice", key)
+    assert row is not None and row.lease_owner == "first"  # expired, not released
+    lost: list[str] = []
+    resolver.on_rotation_lost = lost.append
+    oauth.fail = UpstreamError("spent", oauth_error="invalid_grant", status=400)
+    with pytest.raises(NotConnected):
+        resolver.acquire("alice", "gh", owner="second")
+    after = store.get("alice", key)
+    assert after is not None and after.failure == "rotation_lost" and lost == ["gh"]
+    assert len(oauth.calls) == 2
