@@ -22,6 +22,7 @@ from broker.sandbox.hung import HungServer
 
 from .backlog import run_backlog
 from .burst import run_burst
+from .dpop import run_dpop_fast_path
 from .cluster import BenchCluster, RedisService, Sandbox, vm_hwm_kib
 from .fastpath import FAST_USERS, run_fast_path
 from .httpapi import run_http
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         run_fast_path(cluster, client, report, sizes.loop_reps, sizes.loop_seconds)
         cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
 
+        timer.row("row 1b: DPoP proof on the fast path")
+        run_dpop_fast_path(client, FAST_USERS, report, sizes.loop_reps, sizes.loop_seconds)
+        cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
+
         timer.row("row 3: miss path")
         noop_rate, noop_p50 = measure_noop(cluster, client, report, sizes.miss_threads, sizes.noop_count,
                                            sizes.reps)
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
              pg_admin_url=pg_admin if with_pg else None)
     timer.row("")
     report.note("Wall time by step: " + ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in timer.times.items()) + ".")
-    report.rows.sort(key=lambda r: int(r.section))
+    report.rows.sort(key=lambda r: (int(r.section.rstrip("abcdefgh")), r.section))
     elapsed = time.monotonic() - started
     text = report.markdown("credential-broker benchmark" + (" (smoke)" if args.smoke else ""), elapsed)
     print(text)

@@ -158,9 +158,9 @@ class Sandbox:
 
 def bench_servers(sandbox_url: str, hung_url: str | None = None) -> list[dict[str, Any]]:
     """Token-exchange style servers: fast path and misses use ``tx`` and
-    ``obo``; the proactive-refresh row has ``rf`` to itself, the isolation row
-    ``iso`` (beside ``hung``, a token endpoint that never answers), the backlog
-    row ``bl``."""
+    ``obo``; the proactive-refresh row has ``rf`` to itself; ``dp`` is ``tx``
+    with DPoP, for the proof-cost row; the isolation row has ``iso`` (beside
+    ``hung``, a token endpoint that never answers), the backlog row ``bl``."""
     ab = {"token_endpoint": f"{sandbox_url}/token", "client_id": "broker-client", "client_secret": CLIENT_SECRET}
     hung = [] if hung_url is None else [
         {"name": "hung", "url": "https://hung.upstream.test/mcp",
@@ -178,6 +178,8 @@ def bench_servers(sandbox_url: str, hung_url: str | None = None) -> list[dict[st
          "auth_broker": {"mode": "entra_obo", **ab, "scopes": ["api://obo/.default"]}},
         {"name": "rf", "url": "https://rf.upstream.test/mcp",
          "auth_broker": {"mode": "token_exchange", **ab, "audience": "rf-api", "scopes": ["read"]}},
+        {"name": "dp", "url": "https://dp.upstream.test/mcp",
+         "auth_broker": {"mode": "token_exchange", **ab, "audience": "tx-api", "scopes": ["read"], "dpop": True}},
     ]
 
 

@@ -10,18 +10,18 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, and_, insert, select
+from sqlalchemy import Engine, and_, delete, insert, select, update
 
 from .clock import utcnow
 from .db import audit_events as A
 from .errors import ServiceUnavailable
 
 __all__ = ["Action", "Outcome", "AuditEvent", "AuditSink", "SqlAuditLog", "MemoryAuditSink", "reason_code",
-           "record_event", "AUDIT_MAX_LIMIT"]
+           "record_event", "AUDIT_MAX_LIMIT", "prune_expired"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Action(StrEnum):
     REVOKE = "revoke"
     DISCONNECT = "disconnect"
     SUBJECT_TOKEN = "subject_token"
+    ERASE = "erase"
 
 
 class Outcome(StrEnum):
@@ -147,6 +148,29 @@ class SqlAuditLog:
             log.warning("audit write failed: %s", type(exc).__name__)
             raise ServiceUnavailable("database unavailable") from None
 
+    def pseudonymise(self, user_id: str, pseudonym: str) -> int:
+        """Replace a user's id in every past event (erasure keeps the trail, not the person)."""
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(update(A).where(A.c.user_id == user_id).values(user_id=pseudonym)).rowcount)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("audit pseudonymise failed: %s", type(exc).__name__)
+            raise ServiceUnavailable("database unavailable") from None
+
+    def prune(self, before: datetime, batch_size: int = 5000) -> int:
+        """Delete up to ``batch_size`` of the oldest events older than ``before``.
+
+        One short transaction per batch, so retention never holds a long lock;
+        the caller repeats while a full batch was deleted.
+        """
+        ids = select(A.c.id).where(A.c.ts < before).order_by(A.c.id).limit(batch_size).scalar_subquery()
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(delete(A).where(A.c.id.in_(ids))).rowcount)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("audit prune failed: %s", type(exc).__name__)
+            raise ServiceUnavailable("database unavailable") from None
+
     def query(
         self,
         *,
@@ -184,3 +208,22 @@ class SqlAuditLog:
             d["ts"] = d["ts"].isoformat()
             out.append(d)
         return out
+
+
+def prune_expired(sql: SqlAuditLog, now: datetime, retention_days: int, batch_size: int = 5000,
+                  max_batches: int = 20) -> int:
+    """Delete events older than the retention, a batch per transaction; returns how many.
+
+    Stops after ``max_batches`` so one run stays short; the next run goes on.
+    ``retention_days`` 0 keeps everything.
+    """
+    if retention_days <= 0:
+        return 0
+    before = now - timedelta(days=retention_days)
+    deleted = 0
+    for _ in range(max_batches):
+        n = sql.prune(before, batch_size)
+        deleted += n
+        if n < batch_size:
+            break
+    return deleted

@@ -173,20 +173,31 @@ class Keyring:
             raise DecryptError("record failed authentication (tampered or bound to another row)") from None
 
     def derive(self, label: str) -> bytes:
-        """A 32-byte subkey of the active key, for a transport key by default."""
-        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label.encode()).derive(
-            self.keys[0][1]
-        )
+        """A 32-byte subkey of the active key (see ``derive_ring`` for one per key)."""
+        return _hkdf(self.keys[0][1], label)
+
+    def derive_ring(self, label: str) -> Keyring:
+        """A subkey of every key, under the same ids: the newest seals, all open.
+
+        Each subkey depends only on its own master key, so a blob sealed before
+        a rotation still opens after it in any process that holds that key.
+        """
+        return Keyring(tuple((kid, _hkdf(raw, label)) for kid, raw in self.keys))
+
+
+def _hkdf(key: bytes, label: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=label.encode()).derive(key)
 
 
 class Sealer:
     """Seals short-lived blobs that touch Redis, bound to their Redis key."""
 
-    def __init__(self, key: bytes, kid: str = "t") -> None:
-        self._ring = Keyring(((kid, key),))
+    def __init__(self, key: bytes | Keyring, kid: str = "t", role: str = "transport") -> None:
+        self._ring = key if isinstance(key, Keyring) else Keyring(((kid, key),))
+        self.role = role
 
     def __repr__(self) -> str:
-        return "Sealer(<transport key>)"
+        return f"Sealer(<{self.role} key>)"
 
     def seal(self, data: bytes, purpose: str) -> str:
         return base64.urlsafe_b64encode(self._ring.encrypt(data, purpose.encode())).decode("ascii")

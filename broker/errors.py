@@ -15,6 +15,8 @@ may appear in them.
     ├── ServiceUnavailable          unavailable 503 (Redis or database down)
     ├── ResolveTimeout              timeout 504
     ├── UpstreamError               upstream_error 502 (+ status, oauth_error)
+    ├── InvalidState                invalid_state 400 (connect state unknown, used or expired)
+    ├── ConnectUserMismatch         connect_user_mismatch 403 (the state is burned)
     └── CredentialUnavailable       the user has no usable credential (409)
         ├── NotConnected            not_connected (+ connect_url, reason)
         ├── SubjectTokenMissing     subject_token_missing
@@ -36,6 +38,8 @@ __all__ = [
     "ServiceUnavailable",
     "ResolveTimeout",
     "UpstreamError",
+    "InvalidState",
+    "ConnectUserMismatch",
     "UpstreamOutcomeUnknown",
     "CredentialUnavailable",
     "NotConnected",
@@ -64,6 +68,8 @@ OAUTH_ERROR_CODES = frozenset(
         "interaction_required",
         "consent_required",
         "login_required",
+        "invalid_dpop_proof",  # RFC 9449 section 5
+        "use_dpop_nonce",
     }
 )
 
@@ -196,6 +202,23 @@ class UpstreamOutcomeUnknown(UpstreamError):
     may be spent, so it is not sent again blindly (``broker.lease``)."""
 
 
+class InvalidState(BrokerError):
+    """Raised when a connect state is unknown, already used or expired."""
+
+    code = "invalid_state"
+    http_status = 400
+    default_message = "connect state is unknown, used or expired"
+
+
+class ConnectUserMismatch(BrokerError):
+    """Raised when a connect flow is completed for a user other than the one it
+    was started for; the state is burned, so the link cannot be retried."""
+
+    code = "connect_user_mismatch"
+    http_status = 403
+    default_message = "this connect link was made for another user; nothing was stored"
+
+
 class CredentialUnavailable(BrokerError):
     """Raised when the user has no usable credential for the server."""
 
@@ -247,7 +270,7 @@ _BY_CODE: dict[str, type[BrokerError]] = {}
 for _cls in (
     BrokerError, ConfigError, InvalidRequest, Unauthorized, UnknownServer,
     PolicyDenied, StoreDisabled, ServiceUnavailable, ResolveTimeout,
-    UpstreamError, NotConnected, SubjectTokenMissing, NoCredential,
+    UpstreamError, InvalidState, ConnectUserMismatch, NotConnected, SubjectTokenMissing, NoCredential,
 ):
     _BY_CODE[_cls.code] = _cls
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from .dpop import DPoPKey
 from .secret import Secret
 
 __all__ = [
@@ -48,6 +49,8 @@ class Credential:
     refresh_token: Secret | None = None
     scopes: tuple[str, ...] = ()
     audience: str | None = None
+    # DPoP servers: the key the token is bound to (sealed wherever it is stored).
+    dpop_key: DPoPKey | None = None
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -95,6 +98,12 @@ class StoredCredential:
     last_used_at: datetime | None = None
     refresh_at: datetime | None = None
     failure: str | None = field(default=None)
+    # Scheduling: no renewal before ``next_attempt_at`` (backoff after
+    # ``failure_count`` consecutive failures); ``keepalive_at``: renew by then
+    # even if idle, before the refresh token dies of disuse.
+    next_attempt_at: datetime | None = None
+    failure_count: int = 0
+    keepalive_at: datetime | None = None
     # The lease fence (see ``broker.lease``): who may present this row's
     # refresh or subject token now, and until when in the database's clock.
     lease_owner: str | None = None

@@ -15,16 +15,17 @@ resolve is audited as inject, acquire, refresh or connect.
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from .audit import Action, AuditSink, Outcome, record_event
 from .clock import Clock
 from .connect import OAuthPort
 from .errors import (
+    OAUTH_ERROR_CODES,
     BrokerError,
     NotConnected,
     ServiceUnavailable,
@@ -32,44 +33,20 @@ from .errors import (
     UpstreamError,
     UpstreamOutcomeUnknown,
 )
-from .headers import apply_header, render_header_value
 from .lease import ROTATION_LOST, LeaseTake, local_owner
 from .models import Credential, CredentialStatus, StoredCredential, refresh_point
+from .oauth.backoff import next_attempt_delay
+from .oauth.failures import FailureClass, classify
 from .policy import Policy, PolicyInput, allow_all, enforce
+from .resolved import Resolved, check_nonce, check_request_target, resolved_from, unbound
 from .secret import Secret
 from .servers import Mode, ServerConfig, ServerRegistry
-from .store import CredentialStore
+from .store import UNTIL_SUBJECT_CHANGES, CredentialStore
 
-__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from"]
+__all__ = ["Resolver", "Resolved", "Acquisition", "finish", "record_failure", "resolved_from",
+           "check_request_target", "check_nonce", "unbound"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The header to inject for (user, server) now, plus non-secret metadata."""
-
-    server: str
-    header: str
-    value: Secret
-    token_type: str
-    expires_at: datetime | None
-    obtained_via: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """The contract's resolve body; the header value is revealed here only."""
-        return {
-            "server": self.server,
-            "header": self.header,
-            "value": self.value.reveal(),
-            "token_type": self.token_type,
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-            "obtained_via": self.obtained_via,
-        }
-
-    def apply(self, headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
-        """Set the header, replacing any same-named one (case-insensitively)."""
-        return apply_header(headers, self.header, self.value)
 
 
 @dataclass(frozen=True)
@@ -108,6 +85,9 @@ class Resolver:
         lease_poll: float = 0.1,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        backoff_seconds: float = 10.0,
+        backoff_max_seconds: float = 3600.0,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.servers = servers
         self.store = store
@@ -128,18 +108,27 @@ class Resolver:
         self._sleep = sleep
         # Told the server name whenever a rotation is found lost (for metrics).
         self.on_rotation_lost: Callable[[str], None] | None = None
+        # Per-credential backoff after a failed renewal (``_renewal_failed``).
+        self.backoff_seconds = backoff_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.rand = rand
 
     # -- public ----------------------------------------------------------------
 
-    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None) -> Resolved:
-        """The header for (user, server) now, or a BrokerError saying why not."""
+    def resolve(self, user_id: str, server_name: str, *, request_id: str | None = None,
+                method: str | None = None, url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
+        """The header for (user, server) now, or a BrokerError saying why not.
+
+        ``method`` and ``url`` name the upstream request: a DPoP server's
+        answer then carries a proof bound to them and to the token."""
         server = self.servers.get_server(server_name)
         try:
             acquisition = self.acquire(user_id, server_name)
         except BrokerError as exc:
             record_failure(self.audit, self.clock, user_id, server, exc, request_id)
             raise
-        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id)
+        return finish(self.policy, self.audit, self.clock, user_id, server, acquisition, request_id,
+                      method=method, url=url, dpop_nonce=dpop_nonce)
 
     def acquire(self, user_id: str, server_name: str, *, owner: str | None = None) -> Acquisition:
         """Steps 1-5 of the ordering, without policy or audit (the flight's work;
@@ -154,15 +143,21 @@ class Resolver:
         """Proactive refresh: renew only if the refresh point has passed.
 
         Re-reads the store first, so a refresh another flight already made is
-        never repeated. No policy runs: nothing is handed to a caller.
+        never repeated; a credential backing off is left alone; an idle refresh
+        token past its keep-alive point is exercised even if the access token
+        is not due. No policy runs: nothing is handed to a caller.
         """
         server = self.servers.get_server(server_name)
         now = self.clock.now()
         stored = self.store.get(user_id, server.key)
         if stored is None or stored.status is CredentialStatus.NEEDS_RECONNECT:
             return None
+        if _backing_off(stored, now):
+            return None if stored.credential.is_expired(now) else Acquisition(stored.credential, Action.INJECT)
         if not self._due(stored.credential, now):
-            return Acquisition(stored.credential, Action.INJECT)
+            if stored.keepalive_at is None or now < stored.keepalive_at:
+                return Acquisition(stored.credential, Action.INJECT)
+            trigger = "keepalive"  # exercise the idle refresh token before it dies of disuse
         try:
             result = self._renew(user_id, server, stored, now, owner=owner or local_owner())
         except BrokerError as exc:
@@ -186,9 +181,16 @@ class Resolver:
                     raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
                 return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True,
                                                                     owner=owner, action=Action.ACQUIRE))
-            if not self._due(cred, now):
+            if not self._due(cred, now) and not unbound(server, cred):
                 self._touch(stored, now)
                 return _Outcome(cred, Action.INJECT)
+            if _backing_off(stored, now):
+                # The last renewal failed and its next attempt is not yet due.
+                if not cred.is_expired(now):
+                    self._touch(stored, now)
+                    return _Outcome(cred, Action.INJECT, Outcome.STALE, stored.failure or "backoff")
+                if stored.next_attempt_at == UNTIL_SUBJECT_CHANGES:
+                    raise _refused_until_subject_changes(stored)
             return self._used(user_id, server, now, self._renew(user_id, server, stored, now, used=True, owner=owner))
         if server.mode is Mode.OAUTH_CONNECT:
             raise self._not_connected(user_id, server, NotConnected.NEVER_CONNECTED)
@@ -208,7 +210,17 @@ class Resolver:
         owner = owner or local_owner()
         if server.mode is Mode.OAUTH_CONNECT and stored.credential.refresh_token is None:
             if not stored.credential.is_expired(now):
+                if stored.next_attempt_at is None:
+                    # Nothing to try before it expires: out of the beat's scan till then.
+                    self.store.record_failure(user_id, server.key, expected_version=stored.version,
+                                              failure="no_refresh_token", failure_count=stored.failure_count,
+                                              next_attempt_at=stored.credential.expires_at)
                 return _Outcome(stored.credential, Action.REFRESH, Outcome.STALE, "no_refresh_token")
+            # Expired with nothing to renew it: only the user can help (and the
+            # beat stops looking at it).
+            self.store.record_failure(user_id, server.key, expected_version=stored.version,
+                                      failure="no_refresh_token", failure_count=stored.failure_count,
+                                      next_attempt_at=None, status=CredentialStatus.NEEDS_RECONNECT)
             raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
         taken = self._take_lease(user_id, server, stored, now, owner, action)
         if isinstance(taken, _Outcome):
@@ -226,9 +238,11 @@ class Resolver:
                 if server.mode is Mode.OAUTH_CONNECT:
                     if cred.refresh_token is None:
                         raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-                    new = self.oauth.refresh(server, cred)
+                    # While the credential is valid a failure costs nobody anything: one
+                    # attempt, and the credential's backoff schedules the next.
+                    new = self.oauth.refresh(server, cred, retry=cred.is_expired(now))
                 else:
-                    new = self.oauth.mint(server, self._subject_token(user_id, now))
+                    new = self.oauth.mint(server, self._subject_token(user_id, now), retry=cred.is_expired(now))
             except NotConnected:
                 raise
             except (UpstreamError, SubjectTokenMissing) as exc:
@@ -326,15 +340,25 @@ class Resolver:
 
     def _renewal_failed(self, user_id: str, server: ServerConfig, stored: StoredCredential, now: datetime,
                         exc: BrokerError, took_over: bool = False) -> _Outcome:
+        """Record the failure and when to try again; serve the credential while valid.
+
+        Permanent on a refresh: ``needs_reconnect``, never retried. Permanent on
+        a mint: not retried until the subject token changes. Transient: the
+        next attempt after exponential backoff with jitter, at least the
+        server's ``Retry-After``, for the beat and for resolves alike.
+        """
         cred = stored.credential
         reason = _reason(exc)
-        if server.mode is Mode.OAUTH_CONNECT and isinstance(exc, UpstreamError) and exc.oauth_error == "invalid_grant":
+        valid = not cred.is_expired(now)
+        failures = stored.failure_count + 1
+        permanent = classify(exc) is FailureClass.PERMANENT
+        if permanent and server.mode is Mode.OAUTH_CONNECT:
             # Another flight may have rotated the refresh token already: re-read first.
             current = self.store.get(user_id, server.key)
             if current is not None and current.version != stored.version and not self._due(current.credential, now):
                 return _Outcome(current.credential, Action.REFRESH, Outcome.SUCCESS, "refreshed_elsewhere")
-            failure = "invalid_grant"
-            if took_over:
+            failure = reason
+            if took_over and reason == "invalid_grant":
                 # The flight whose lease expired did present this token: its
                 # response, and so the rotated token, is lost.
                 failure = ROTATION_LOST
@@ -343,19 +367,25 @@ class Resolver:
                 self._record(Action.REFRESH, Outcome.FAILURE, user_id, server, _method(server), ROTATION_LOST, None)
                 if self.on_rotation_lost is not None:
                     self.on_rotation_lost(server.name)
-            self.store.set_status(user_id, server.key, CredentialStatus.NEEDS_RECONNECT,
-                                  expected_version=stored.version, failure=failure)
-            if not cred.is_expired(now):
+            self.store.record_failure(user_id, server.key, expected_version=stored.version, failure=failure,
+                                      failure_count=failures, next_attempt_at=None,
+                                      status=CredentialStatus.NEEDS_RECONNECT)
+            if valid:
                 return _Outcome(cred, Action.REFRESH, Outcome.STALE, failure)
             raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
-        if not cred.is_expired(now):
-            self.store.set_status(user_id, server.key, CredentialStatus.DEGRADED,
-                                  expected_version=stored.version, failure=reason)
+        if permanent:
+            next_at = UNTIL_SUBJECT_CHANGES
+        else:
+            retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
+            delay = next_attempt_delay(failures, retry_after=retry_after, base=self.backoff_seconds,
+                                       cap=self.backoff_max_seconds, rand=self.rand)
+            # From the answer, not the flight's start: Retry-After counts from the response.
+            next_at = self.clock.now() + timedelta(seconds=delay)
+        self.store.record_failure(user_id, server.key, expected_version=stored.version, failure=reason,
+                                  failure_count=failures, next_attempt_at=next_at,
+                                  status=CredentialStatus.DEGRADED if valid else None)
+        if valid:
             return _Outcome(cred, Action.REFRESH, Outcome.STALE, reason)
-        if server.mode is Mode.OAUTH_CONNECT and isinstance(exc, UpstreamError) and not exc.retryable:
-            self.store.set_status(user_id, server.key, CredentialStatus.NEEDS_RECONNECT,
-                                  expected_version=stored.version, failure=reason)
-            raise self._not_connected(user_id, server, NotConnected.RECONNECT_REQUIRED)
         raise exc
 
     def _mint(self, user_id: str, server: ServerConfig, now: datetime, used: bool = False) -> _Outcome:
@@ -400,33 +430,21 @@ class Resolver:
         _record(self.audit, self.clock, action, outcome, user_id, server, method, reason, request_id)
 
 
-def resolved_from(server: ServerConfig, cred: Credential) -> Resolved:
-    """The header to inject for a credential, per the server's header config."""
-    cfg = server.auth_broker
-    return Resolved(
-        server=server.name,
-        header=cfg.header,
-        value=render_header_value(cfg.header_format, cred.access_token),
-        token_type=cred.token_type,
-        expires_at=cred.expires_at,
-        obtained_via=cred.obtained_via.value,
-    )
-
-
 def finish(policy: Policy, audit: AuditSink, clock: Clock, user_id: str, server: ServerConfig,
-           acquisition: Acquisition, request_id: str | None) -> Resolved:
+           acquisition: Acquisition, request_id: str | None, *, method: str | None = None,
+           url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
     """Policy, then audit, for one caller's resolve; the same in worker and client."""
     cred = acquisition.credential
-    method = _method(server)
+    audit_method = _method(server)
     try:
         enforce(policy, PolicyInput(user_id, server.name, server.key, cred.scopes, cred.audience,
                                     cred.expires_at, cred.obtained_via.value))
-        resolved = resolved_from(server, cred)
+        resolved = resolved_from(server, cred, method=method, url=url, dpop_nonce=dpop_nonce)
     except BrokerError as exc:
         outcome = Outcome.DENIED if exc.code == "policy_denied" else Outcome.FAILURE
-        _record(audit, clock, acquisition.action, outcome, user_id, server, method, exc.code, request_id)
+        _record(audit, clock, acquisition.action, outcome, user_id, server, audit_method, exc.code, request_id)
         raise
-    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, method,
+    _record(audit, clock, acquisition.action, acquisition.outcome, user_id, server, audit_method,
             acquisition.reason, request_id)
     return resolved
 
@@ -441,6 +459,20 @@ def _record(audit: AuditSink, clock: Clock, action: Action, outcome: Outcome, us
             method: str, reason: str | None, request_id: str | None) -> None:
     record_event(audit, clock.now(), action, outcome, user_id=user_id, server=server.name, method=method,
                  reason=reason, request_id=request_id)
+
+
+def _backing_off(stored: StoredCredential, now: datetime) -> bool:
+    """A renewal failed and its next attempt is not due yet."""
+    return stored.next_attempt_at is not None and now < stored.next_attempt_at
+
+
+def _refused_until_subject_changes(stored: StoredCredential) -> BrokerError:
+    """The recorded permanent mint failure, raised again without asking anyone."""
+    if stored.failure == SubjectTokenMissing.code:
+        return SubjectTokenMissing()
+    code = stored.failure if stored.failure in OAUTH_ERROR_CODES else None
+    return UpstreamError("the authorization server refused this user's subject token; "
+                         "not asked again until the subject token changes", oauth_error=code)
 
 
 def _method(server: ServerConfig) -> str:

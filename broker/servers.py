@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import yaml
 
 from .errors import ConfigError, UnknownServer
 from .providers import PARAM_KEYS, expand_auth_broker
+from .jose import SigningKey
 from .secret import Secret
 from .server_config import (
     DEFAULT_HEADER,
@@ -32,6 +34,7 @@ from .server_config import (
     parse_authorize_params,
     parse_scopes,
 )
+from .server_keys import ASSERTION_KEYS, parse_assertion_aud, parse_assertion_key, parse_dpop
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -53,6 +56,7 @@ __all__ = [
 ]
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+DPOP_HEADER_FORMAT = "DPoP {token}"  # RFC 9449 section 7.1
 
 
 class Mode(StrEnum):
@@ -64,6 +68,7 @@ class Mode(StrEnum):
 class ClientAuth(StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_BASIC = "client_secret_basic"
+    PRIVATE_KEY_JWT = "private_key_jwt"  # RFC 7523 section 2.2: a signed client assertion
 
 
 class RefreshScope(StrEnum):
@@ -109,6 +114,15 @@ class AuthBrokerConfig:
     extra_authorize_params: tuple[tuple[str, str], ...] = ()
     # Where the scopes go on the authorization URL (Slack: user_scope); set by a profile.
     authorize_scope_param: str = "scope"
+    # private_key_jwt: the assertion signing key and what its ``aud`` names
+    # (``token_endpoint`` or ``issuer``); see ``broker.server_keys``.
+    client_assertion_key: SigningKey | None = None
+    client_assertion_aud: str = "token_endpoint"
+    # DPoP (RFC 9449): tokens bound to a per-(user, server) key; resolves carry a proof.
+    dpop: bool = False
+    # Hosts (besides the issuer's) that discovered endpoints may name; listed
+    # hosts may also resolve to private addresses (an explicit operator choice).
+    discovery_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,12 +170,16 @@ class ServerRegistry(Mapping[str, ServerConfig]):
 
 
 def unknown_server_message(name: str, known: list[str]) -> str:
-    """Say what to do: with no servers at all, the servers file is the thing to set."""
+    """Say what to do: with no servers at all, the servers file is the thing to set.
+
+    ``name`` is what the caller submitted: it is never repeated back (issue 12).
+    """
+    del name
     if not known:
-        return (f"unknown server {name!r}: no servers are configured "
+        return ("unknown server: no servers are configured "
                 "(set CREDBROKER_SERVERS_FILE to a servers file; check it with `credbroker servers check FILE`)")
     shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
-    return f"unknown server {name!r} (configured: {shown})"
+    return f"unknown server (configured: {shown})"
 
 
 # Loading and validation. Rules and messages are in ``server_config``.
@@ -172,7 +190,7 @@ _AUTH_FIELDS = frozenset(
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
         "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
-        "provider", "extra_authorize_params", *PARAM_KEYS,
+        "provider", "extra_authorize_params", *PARAM_KEYS, *ASSERTION_KEYS, "discovery_hosts",
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -188,6 +206,22 @@ def _endpoint(raw: Mapping[str, object], key: str, label: str) -> str | None:
     if key == "issuer" and "?" in value:  # RFC 8414 §2: no query or fragment
         raise field_error(label, field, "must not contain a query")
     return value
+
+
+_HOST_RE = re.compile(r"^[a-z0-9.-]{1,253}(:[0-9]{1,5})?$|^\[[0-9a-f:]+\](:[0-9]{1,5})?$")
+
+
+def _hosts(raw: Mapping[str, object], label: str) -> tuple[str, ...]:
+    value = raw.get("discovery_hosts")
+    if value is None:
+        return ()
+    field = "auth_broker.discovery_hosts"
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise field_error(label, field, "must be a list of host names")
+    hosts = tuple(h.strip().lower() for h in value)
+    if not all(_HOST_RE.match(h) for h in hosts):
+        raise field_error(label, field, "each entry must be a bare host name (optionally :port), no scheme or path")
+    return hosts
 
 
 def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str]) -> Secret | None:
@@ -267,6 +301,13 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         raise field_error(label, "auth_broker.client_id", "required when a client secret is given")
     if client_auth is ClientAuth.CLIENT_SECRET_BASIC and secret is None:
         raise field_error(label, "auth_broker.client_auth", "client_secret_basic requires a client secret")
+    private_key_jwt = client_auth is ClientAuth.PRIVATE_KEY_JWT
+    if private_key_jwt and client_id is None:
+        raise field_error(label, "auth_broker.client_id", "required for private_key_jwt")
+    if private_key_jwt and secret is not None:
+        raise field_error(label, "auth_broker.client_secret", "not used with private_key_jwt (give one or the other)")
+    assertion_key = parse_assertion_key(raw, label, environ, private_key_jwt=private_key_jwt)
+    dpop = parse_dpop(raw, label)
 
     def text(key: str) -> str | None:
         return optional_str(raw, key, label, f"auth_broker.{key}")
@@ -285,7 +326,9 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         audience=text("audience"),
         requested_token_type=text("requested_token_type") or ACCESS_TOKEN_TYPE,
         header=check_header(text("header"), label, "auth_broker.header"),
-        header_format=check_header_format(text("header_format"), label, "auth_broker.header_format"),
+        header_format=check_header_format(
+            text("header_format") or (DPOP_HEADER_FORMAT if dpop else None), label, "auth_broker.header_format"
+        ),
         refresh_scope=RefreshScope(
             _choice(RefreshScope, raw.get("refresh_scope") or RefreshScope.OMIT, label, "auth_broker.refresh_scope")
         ),
@@ -296,6 +339,10 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
             raw.get("extra_authorize_params"), label, "auth_broker.extra_authorize_params"
         ),
         authorize_scope_param=str(raw.get("authorize_scope_param") or "scope"),
+        client_assertion_key=assertion_key,
+        client_assertion_aud=parse_assertion_aud(raw, label, issuer),
+        dpop=dpop,
+        discovery_hosts=_hosts(raw, label),
     )
 
 

@@ -22,6 +22,9 @@ from .secret import Secret
 __all__ = ["Settings", "PREFIX", "SETTING_NAMES", "read_env_file", "load_settings"]
 
 PREFIX = "CREDBROKER_"
+# HKDF labels of the two subkeys of each master key; changing one invalidates live blobs.
+TRANSPORT_LABEL = "credbroker transport v1"
+INTERNAL_LABEL = "credbroker internal v1"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -71,6 +74,9 @@ class Settings:
     recent_use_seconds: float = 86400.0
     refresh_scan_seconds: float = 5.0
     refresh_jitter_seconds: float = 2.0
+    # Per-credential backoff after a failed renewal: first delay and cap.
+    renewal_backoff_seconds: float = 10.0
+    renewal_backoff_max_seconds: float = 3600.0
     # Resolve and flights.
     resolve_timeout: float = 30.0
     task_time_limit: float = 60.0
@@ -83,6 +89,10 @@ class Settings:
     server_max_concurrency: int = 0  # per server; 0 = half of worker_slots, at least 1
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0
+    # Connect flow completion and abuse limits (README "Security model").
+    connect_callback_url: str | None = None
+    connect_states_per_pair: int = 5
+    audit_retention_days: int = 0  # 0: keep forever
     # Operations.
     log_level: str = "INFO"
     flower_basic_auth: Secret | None = None
@@ -93,16 +103,30 @@ class Settings:
         return self.keyring is not None
 
     def sealer(self) -> Sealer | None:
-        """The transport sealer: TRANSPORT_KEY, else derived from the master key."""
+        """The transport sealer (what a gateway also holds): it opens the cache and
+        flight results. TRANSPORT_KEY, else a subkey of each master key."""
         if self.transport_key is not None:
             return Sealer(self.transport_key)
         if self.keyring is not None:
-            return Sealer(self.keyring.derive("credbroker transport v1"))
+            return Sealer(self.keyring.derive_ring(TRANSPORT_LABEL))
         return None
+
+    def internal_sealer(self) -> Sealer | None:
+        """The sealer only the API and workers hold (connect states and what a
+        gateway must not forge): a subkey of each master key, never TRANSPORT_KEY."""
+        if self.keyring is None:
+            return None
+        return Sealer(self.keyring.derive_ring(INTERNAL_LABEL), role="internal")
 
     @property
     def callback_url(self) -> str:
-        return self.public_url.rstrip("/") + "/v1/connect/callback"
+        """Where the authorization server sends the browser back."""
+        return self.connect_callback_url or self.public_url.rstrip("/") + "/v1/connect/callback"
+
+    @property
+    def open_url(self) -> str | None:
+        """The broker URL a connect link starts at (None when a gateway hosts the callback)."""
+        return None if self.connect_callback_url else self.public_url.rstrip("/") + "/v1/connect/open"
 
 
 # Variable name (without prefix) -> Settings field, for docs and for tests
@@ -126,6 +150,8 @@ SETTING_NAMES: dict[str, str] = {
     "RECENT_USE_SECONDS": "recent_use_seconds",
     "REFRESH_SCAN_SECONDS": "refresh_scan_seconds",
     "REFRESH_JITTER_SECONDS": "refresh_jitter_seconds",
+    "RENEWAL_BACKOFF_SECONDS": "renewal_backoff_seconds",
+    "RENEWAL_BACKOFF_MAX_SECONDS": "renewal_backoff_max_seconds",
     "RESOLVE_TIMEOUT": "resolve_timeout",
     "TASK_TIME_LIMIT": "task_time_limit",
     "VISIBILITY_TIMEOUT": "visibility_timeout",
@@ -134,6 +160,9 @@ SETTING_NAMES: dict[str, str] = {
     "SERVER_MAX_CONCURRENCY": "server_max_concurrency",
     "BREAKER_FAILURES": "breaker_failures",
     "BREAKER_COOLDOWN_SECONDS": "breaker_cooldown_seconds",
+    "CONNECT_CALLBACK_URL": "connect_callback_url",
+    "CONNECT_STATES_PER_PAIR": "connect_states_per_pair",
+    "AUDIT_RETENTION_DAYS": "audit_retention_days",
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",
     "STATE_DIR": "state_dir",
@@ -198,6 +227,8 @@ def load_settings(
             values[attr] = _url(name, value, ("redis", "rediss", "unix"))
         elif name == "PUBLIC_URL":
             values[attr] = _url(name, value, ("http", "https")).rstrip("/")
+        elif name == "CONNECT_CALLBACK_URL":
+            values[attr] = _url(name, value, ("http", "https"))
         elif name == "MASTER_KEYS":
             values[attr] = Keyring.from_mapping(parse_master_keys(value, PREFIX + name))
         elif name == "TRANSPORT_KEY":
@@ -220,6 +251,9 @@ def load_settings(
             if fraction > 1.0:
                 raise ConfigError(f"{PREFIX}REFRESH_FRACTION: must be between 0.05 and 1.0")
             values[attr] = fraction
+        elif name in ("RENEWAL_BACKOFF_SECONDS", "RENEWAL_BACKOFF_MAX_SECONDS"):
+            # Below a second, "backoff" would be a retry loop against a failing server.
+            values[attr] = _number(name, value, float, 1.0)
         elif name == "LOG_LEVEL":
             if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise ConfigError(f"{PREFIX}LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR")
@@ -234,6 +268,9 @@ def load_settings(
             values[attr] = _number(name, value, float, 0.0)
         else:
             values[attr] = value
+    base = values.get("renewal_backoff_seconds", defaults.renewal_backoff_seconds)
+    if values.get("renewal_backoff_max_seconds", defaults.renewal_backoff_max_seconds) < base:  # type: ignore[operator]
+        raise ConfigError(f"{PREFIX}RENEWAL_BACKOFF_MAX_SECONDS: must be at least RENEWAL_BACKOFF_SECONDS")
     known = {f.name for f in fields(Settings)}
     assert set(values) <= known
     return Settings(**values)  # type: ignore[arg-type]

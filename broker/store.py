@@ -13,16 +13,18 @@ import builtins
 import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from . import due_scan
 from .clock import Clock, SystemClock
 from .crypto import DecryptError, Keyring, record_ad
+from .dpop import DPoPKey
 from .db import credentials as T
 from .db import db_now
 from .db import subject_tokens as S
@@ -31,12 +33,18 @@ from .lease import LeaseTake
 from .models import Credential, CredentialStatus, ObtainedVia, StoredCredential, SubjectToken, refresh_point
 from .secret import Secret
 
-__all__ = ["CredentialStore", "RotationReport", "KIND_CREDENTIAL", "KIND_SUBJECT"]
+__all__ = ["CredentialStore", "RotationReport", "KIND_CREDENTIAL", "KIND_SUBJECT", "UNTIL_SUBJECT_CHANGES",
+           "keepalive_point"]
 
 log = logging.getLogger(__name__)
 
 KIND_CREDENTIAL = "credential"
 KIND_SUBJECT = "subject_token"
+
+# ``next_attempt_at`` of a mint that failed permanently: no attempt until the
+# user's subject token changes (``put_subject_token`` clears it).
+UNTIL_SUBJECT_CHANGES = datetime(9999, 1, 1, tzinfo=UTC)
+_EXCHANGE_VIA = (ObtainedVia.TOKEN_EXCHANGE.value, ObtainedVia.ENTRA_OBO.value)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +70,14 @@ def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def keepalive_point(renewed_at: datetime, idle_seconds: float) -> datetime:
+    """When an idle refresh token must be exercised: its idle limit after the
+    last successful renewal, less a margin (a fifth, at most a week) that
+    leaves room for scan delays and a few backed-off retries."""
+    margin = min(idle_seconds / 5, 7 * 86400.0)
+    return renewed_at + timedelta(seconds=idle_seconds - margin)
+
+
 @dataclass
 class RotationReport:
     """What a re-encryption pass did."""
@@ -83,8 +99,11 @@ class CredentialStore:
         clock: Clock | None = None,
         near_expiry: timedelta = timedelta(seconds=60),
         refresh_fraction: float = 0.8,
+        idle_seconds: Callable[[str], float | None] | None = None,
     ) -> None:
         self.engine = engine
+        # server_key -> refresh-token idle limit (oauth_connect servers that have one).
+        self.idle_seconds = idle_seconds
         self.keyring = keyring
         self.clock = clock or SystemClock()
         self.near_expiry = near_expiry
@@ -117,6 +136,12 @@ class CredentialStore:
         if payload is None:
             return None
         refresh = payload.get("r")
+        try:
+            dpop_key = DPoPKey.from_private_jwk(payload["d"]) if payload.get("d") else None
+        except (ValueError, KeyError, TypeError):
+            self.decrypt_failures += 1
+            log.warning("unreadable DPoP key in credential record for user %r server %s", row.user_id, row.server_key[:12])
+            return None
         cred = Credential(
             access_token=Secret(payload["a"]),
             refresh_token=Secret(refresh) if refresh else None,
@@ -126,6 +151,7 @@ class CredentialStore:
             issued_at=row.issued_at,
             scopes=tuple(json.loads(row.scopes or "[]")),
             audience=row.audience,
+            dpop_key=dpop_key,
         )
         return StoredCredential(
             user_id=row.user_id,
@@ -137,16 +163,21 @@ class CredentialStore:
             last_used_at=row.last_used_at,
             refresh_at=row.refresh_at,
             failure=row.failure,
+            next_attempt_at=row.next_attempt_at,
+            failure_count=row.failure_count or 0,
+            keepalive_at=row.keepalive_at,
             lease_owner=row.lease_owner,
             lease_until=row.lease_until,
         )
 
     def _values(self, user_id: str, server_key: str, cred: Credential, status: CredentialStatus,
                 now: datetime, failure: str | None) -> dict[str, Any]:
-        blob, kid = self._seal(
-            {"a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None},
-            KIND_CREDENTIAL, user_id, server_key,
-        )
+        payload: dict[str, Any] = {
+            "a": cred.access_token.reveal(), "r": cred.refresh_token.reveal() if cred.refresh_token else None,
+        }
+        if cred.dpop_key is not None:
+            payload["d"] = cred.dpop_key.to_private_jwk()  # sealed with the tokens it binds
+        blob, kid = self._seal(payload, KIND_CREDENTIAL, user_id, server_key)
         return {
             "ciphertext": blob,
             "key_id": kid,
@@ -160,7 +191,17 @@ class CredentialStore:
             "refresh_at": refresh_point(cred.issued_at, cred.expires_at, self.near_expiry, self.refresh_fraction),
             "failure": failure,
             "updated_at": now,
+            # A written credential is a success: backoff starts over.
+            "next_attempt_at": None,
+            "failure_count": 0,
+            "keepalive_at": self._keepalive_at(server_key, cred, now),
         }
+
+    def _keepalive_at(self, server_key: str, cred: Credential, now: datetime) -> datetime | None:
+        if cred.refresh_token is None or self.idle_seconds is None:
+            return None
+        idle = self.idle_seconds(server_key)
+        return None if not idle else keepalive_point(now, idle)
 
     # -- credentials -------------------------------------------------------
 
@@ -214,7 +255,8 @@ class CredentialStore:
                     return None
                 new_version = expected_version + 1
         return StoredCredential(user_id, server_key, credential, status, new_version, now,
-                                last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure)
+                                last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure,
+                                keepalive_at=values["keepalive_at"])
 
     def put(self, user_id: str, server_key: str, credential: Credential, *,
             status: CredentialStatus = CredentialStatus.CONNECTED) -> StoredCredential:
@@ -294,6 +336,37 @@ class CredentialStore:
             ).rowcount == 1
 
     @_guarded
+    def record_failure(self, user_id: str, server_key: str, *, expected_version: int, failure: str,
+                       failure_count: int, next_attempt_at: datetime | None,
+                       status: CredentialStatus | None = None) -> bool:
+        """Record a failed renewal and when the next attempt may happen.
+
+        ``refresh_at`` and ``keepalive_at`` move to ``next_attempt_at`` when
+        earlier, so a credential in backoff leaves the beat's index ranges
+        instead of being read and skipped on every scan. ``needs_reconnect``
+        clears both: only the user can help. The version is not bumped: no
+        secret changed, and a concurrent successful refresh must still land.
+        """
+        values: dict[str, Any] = {
+            "failure": failure, "failure_count": failure_count, "next_attempt_at": next_attempt_at,
+            "updated_at": self.clock.now(),
+        }
+        if status is not None:
+            values["status"] = status.value
+        if status is CredentialStatus.NEEDS_RECONNECT:
+            values.update(refresh_at=None, keepalive_at=None)
+        elif next_attempt_at is not None:
+            values["refresh_at"] = case((T.c.refresh_at < next_attempt_at, next_attempt_at), else_=T.c.refresh_at)
+            values["keepalive_at"] = case((T.c.keepalive_at < next_attempt_at, next_attempt_at),
+                                          else_=T.c.keepalive_at)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key,
+                                     T.c.version == expected_version)).values(**values)
+            )
+        return result.rowcount == 1
+
+    @_guarded
     def touch(self, user_id: str, server_key: str, when: datetime | None = None) -> None:
         """Record use, so proactive refresh only spends effort on active users."""
         with self.engine.begin() as conn:
@@ -332,36 +405,36 @@ class CredentialStore:
         return result.rowcount == 1
 
     @_guarded
+    def delete_user(self, user_id: str) -> int:
+        """Every credential row of the user, readable or not (erasure); returns how many."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(delete(T).where(T.c.user_id == user_id)).rowcount)
+
+    @_guarded
     def list(self, user_id: str) -> list[StoredCredential]:
         """The user's upstream credentials (never subject tokens), readable ones only."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(T).where(T.c.user_id == user_id).order_by(T.c.server_key)).all()
         return [s for s in (self._row_to_stored(r) for r in rows) if s is not None]
 
-    def due_statement(self, now: datetime, used_since: datetime, limit: int = 1000) -> Any:
-        """The due scan's SELECT (see ``due``); public so its plan can be checked."""
-        statuses = (CredentialStatus.CONNECTED.value, CredentialStatus.DEGRADED.value)
-        return (
-            select(T.c.user_id, T.c.server_key)
-            .where(and_(T.c.refresh_at <= now, T.c.refresh_at >= used_since, T.c.last_used_at >= used_since,
-                        T.c.status.in_(statuses)))
-            .order_by(T.c.refresh_at)
-            .limit(limit)
-        )
+    def due_statement(self, now: datetime, used_since: datetime, limit: int = 1000,
+                      server_key: str | None = None, offset: int = 0) -> Any:
+        """The due scan's SELECT; public so its plan can be checked."""
+        return due_scan.due_statement(now, used_since, limit, server_key, offset)
 
     @_guarded
-    def due(self, now: datetime, used_since: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
-        """(user_id, server_key) pairs whose refresh point has passed and that were
-        used recently: an indexed range scan on ``refresh_at``.
+    def due(self, now: datetime, used_since: datetime, limit: int = 1000,
+            server_keys: Iterable[str] | None = None) -> builtins.list[tuple[str, str]]:
+        """Pairs to renew now, a fair share per server (see ``due_scan.due``)."""
+        return due_scan.due(self.engine, now, used_since, limit, server_keys)
 
-        The range starts at ``used_since`` too: an idle credential's refresh point
-        stays in the past forever, and without a lower bound every one of them
-        would be read on every scan. A credential in use cannot sit past its
-        refresh point for long (a caller's flight renews it), so nothing in use is
-        missed, and the cost grows with the number due, not the number stored.
-        """
-        with self.engine.connect() as conn:
-            return [(r.user_id, r.server_key) for r in conn.execute(self.due_statement(now, used_since, limit))]
+    def keepalive_statement(self, now: datetime, limit: int = 1000) -> Any:
+        return due_scan.keepalive_statement(now, limit)
+
+    @_guarded
+    def keepalive_due(self, now: datetime, limit: int = 1000) -> builtins.list[tuple[str, str]]:
+        """Pairs whose idle refresh token must be exercised now (see ``due_scan``)."""
+        return due_scan.keepalive_due(self.engine, now, limit)
 
     # -- subject tokens ------------------------------------------------------
 
@@ -378,6 +451,22 @@ class CredentialStore:
                         conn.execute(insert(S).values(user_id=user_id, version=1, **values))
                 except IntegrityError:
                     conn.execute(update(S).where(S.c.user_id == user_id).values(version=S.c.version + 1, **values))
+            self._reset_mint_backoff(conn, user_id)
+
+    def _reset_mint_backoff(self, conn: Any, user_id: str) -> None:
+        """A new subject token: mints that failed (even permanently) may try again,
+        on their ordinary schedule. Per user, so a handful of rows at most."""
+        rows = conn.execute(
+            select(T.c.server_key, T.c.issued_at, T.c.expires_at)
+            .where(and_(T.c.user_id == user_id, T.c.next_attempt_at.is_not(None), T.c.obtained_via.in_(_EXCHANGE_VIA)))
+        ).all()
+        for row in rows:
+            conn.execute(
+                update(T).where(and_(T.c.user_id == user_id, T.c.server_key == row.server_key)).values(
+                    next_attempt_at=None, failure_count=0,
+                    refresh_at=refresh_point(row.issued_at, row.expires_at, self.near_expiry, self.refresh_fraction),
+                )
+            )
 
     @_guarded
     def get_subject_token(self, user_id: str) -> SubjectToken | None:
@@ -460,3 +549,4 @@ class CredentialStore:
                         report.skipped_concurrent += 1
             last = tuple(getattr(rows[-1], k.name) for k in keys)
             yield len(rows)
+

@@ -2,18 +2,20 @@
 
 Routes are the contract table of DESIGN.md, plus the operational ones:
 
-* every ``/v1`` route except the browser callback, and ``/metrics``, need a
+* every ``/v1`` route except the browser's connect routes (open, callback,
+  confirm), and ``/metrics``, need a
   service bearer key from ``CREDBROKER_API_KEYS``; with no key configured they
   answer 401 (and a warning is logged at start): there is no unauthenticated
   mode, a development setup sets a key like any other.
 * ``/healthz``, ``/readyz`` and ``/openapi.json`` are open, for probes that
   cannot hold a secret; they show no user data.
 
-Every response carries ``X-Request-ID`` (the caller's, if it is a plain short
-id, else a fresh one), which also goes into the audit events of the call.
+Every response carries ``X-Request-ID`` (an authenticated caller's, if it is a
+plain short id, else a fresh one), which also goes into the audit events of the call.
 Blocking work (store, Redis, flights) runs in worker threads, never on the
 event loop. Input rules are in ``api_input``, auth, request ids and error
-mapping in ``api_edge``, the callback pages in ``api_pages``, the OpenAPI
+mapping in ``api_edge``, the connect-flow routes in ``api_connect``, the
+browser pages in ``api_pages``, the OpenAPI
 document in ``api_openapi``.
 """
 
@@ -33,32 +35,34 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from broker.audit import AUDIT_MAX_LIMIT, Action, Outcome, SqlAuditLog, record_event
-from broker.connect import ConnectError
-from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable, StoreDisabled
+from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable
 from broker.models import SubjectToken
+from broker.resolved import check_nonce, check_request_target
 from broker.servers import ServerConfig
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
+from .api_connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
 from .api_edge import REQUEST_ID_KEY, Edge, broker_error, http_error
+from .api_edge import json_body as _json_body
+from .api_edge import no_store as _no_store
 from .api_input import (
     echo_names,
-    MAX_BODY_BYTES,
     check_fields,
     parse_instant,
-    parse_json_object,
     parse_limit,
     parse_timeout,
     parse_token,
 )
 from .api_openapi import OPENAPI
-from .api_pages import connected_page, failed_page
 from .client import BrokerClient
 from .constants import cache_key
 from .credentials import credential_listing, remove_credential
+from .erasure import delete_subject_token, erase_user
 from .tracing import instrument_api
 from .metrics import METRICS, render_cluster
 from .runtime import Runtime, build_runtime
@@ -76,7 +80,9 @@ _RESOLVE_THREADS = 256
 _READY_TIMEOUT = 2.0
 _PROBE_THREADS = 8
 
-METRICS.describe("credbroker_connect_callbacks_total", "counter", "Connect callbacks by outcome (ok or a coarse reason)")
+METRICS.describe("credbroker_readyz_probes_total", "counter", "Readiness probe rounds actually run (not cached)")
+# /readyz is open and pings every worker: serve one result to every caller for this long.
+READY_CACHE_SECONDS = 1.5
 
 
 class _Api:
@@ -90,6 +96,14 @@ class _Api:
             settings=settings, connection=self.rt.redis, audit=self.rt.audit)
         self.audit_log = SqlAuditLog(self.rt.store.engine)
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._ready_lock: anyio.Lock | None = None
+        self.ready_cache: tuple[float, tuple[int, dict[str, Any]]] | None = None
+
+    def ready_lock(self) -> anyio.Lock:
+        """One probe round at a time; callers arriving meanwhile get its result."""
+        if self._ready_lock is None:
+            self._ready_lock = anyio.Lock()
+        return self._ready_lock
 
     def limiter(self, name: str, tokens: int) -> anyio.CapacityLimiter:
         """A named thread budget, made on first use (inside the event loop)."""
@@ -123,23 +137,20 @@ def _rid(request: Request) -> str:
     return str(request.scope[REQUEST_ID_KEY])
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, read with a hard size cap."""
-    length = request.headers.get("content-length")
-    if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES):
-        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return parse_json_object(b"".join(chunks))
+class _UserIdConvertor(Convertor[str]):
+    """Any text as a user id, newlines and encoded slashes included, so a bad id
+    gets ``validate_user_id``'s 422 naming the field rather than a bare 404."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
-def _no_store(body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+register_url_convertor("userid", _UserIdConvertor())
 
 
 # -- /v1 -------------------------------------------------------------------------
@@ -157,57 +168,43 @@ async def put_subject_token(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def delete_subject_token_route(request: Request) -> Response:
+    api = _api(request)
+    user_id = validate_user_id(request.path_params["user_id"])
+    await run_in_threadpool(delete_subject_token, api.rt, user_id, _rid(request))
+    return Response(status_code=204)
+
+
+async def erase(request: Request) -> Response:
+    """Everything of the user, gone (README "Erasure")."""
+    api = _api(request)
+    user_id = validate_user_id(request.path_params["user_id"])
+    await run_in_threadpool(erase_user, api.rt, user_id, _rid(request))
+    return Response(status_code=204)
+
+
 async def resolve(request: Request) -> Response:
     api = _api(request)
     body = await _json_body(request)
-    check_fields(body, ("user_id", "server"), ("timeout",))
+    check_fields(body, ("user_id", "server"), ("timeout", "method", "url", "dpop_nonce"))
     user_id = validate_user_id(body["user_id"])
     server = validate_server_name(body["server"])
     cap = api.settings.resolve_timeout
     timeout = cap if body.get("timeout") is None else parse_timeout(body["timeout"], cap)
-    call = partial(api.client.resolve, user_id, server, timeout=timeout, request_id=_rid(request))
+    target: dict[str, str] = {}
+    if body.get("method") is not None or body.get("url") is not None:
+        check_request_target(body.get("method"), body.get("url"))
+        target = {"method": body["method"], "url": body["url"]}
+        if body.get("dpop_nonce") is not None:
+            target["dpop_nonce"] = check_nonce(body["dpop_nonce"]) or ""
+    elif server in api.rt.servers and api.rt.servers[server].auth_broker.dpop:
+        # A DPoP token is useless without a proof, and only the caller knows the request.
+        raise InvalidRequest(f"server {server!r} uses DPoP: give the upstream request's method and url")
+    call = partial(api.client.resolve, user_id, server, timeout=timeout, request_id=_rid(request), **target)
     resolved = await anyio.to_thread.run_sync(call, limiter=api.limiter("resolve", _RESOLVE_THREADS))
     return _no_store(resolved.to_dict())
 
 
-async def connect_start(request: Request) -> Response:
-    api = _api(request)
-    body = await _json_body(request)
-    check_fields(body, ("user_id", "server"))
-    user_id = validate_user_id(body["user_id"])
-    server = api.rt.servers.get_server(validate_server_name(body["server"]))
-    if api.rt.connect is None:
-        raise StoreDisabled()
-    start = await run_in_threadpool(api.rt.connect.start, user_id, server.name)
-    api.record(Action.CONNECT, Outcome.SUCCESS, user_id, server.name, "connect", "started", _rid(request))
-    return _no_store({"connect_url": start.connect_url, "expires_at": start.expires_at.isoformat()})
-
-
-async def connect_callback(request: Request) -> Response:
-    """The browser lands here from the authorization server: always a page."""
-    api = _api(request)
-    flow = api.rt.connect
-    if flow is None:
-        METRICS.inc("credbroker_connect_callbacks_total", outcome="store_disabled")
-        return failed_page("store_disabled", 503)
-    q = request.query_params
-    try:
-        result = await run_in_threadpool(flow.callback, q.get("state"), q.get("code"), q.get("error"),
-                                         _rid(request))
-        server = api.rt.servers.get_server(result.server)
-        await run_in_threadpool(api.drop_cache, result.user_id, server)
-    except ConnectError as exc:
-        METRICS.inc("credbroker_connect_callbacks_total", outcome=exc.reason)
-        return failed_page(exc.reason, 400)
-    except BrokerError as exc:
-        METRICS.inc("credbroker_connect_callbacks_total", outcome=exc.code)
-        return failed_page(exc.code, exc.http_status if exc.http_status >= 500 else 400)
-    except Exception as exc:  # noqa: BLE001 - the browser gets a page, the log gets the type only
-        log.error("connect callback failed: %s", type(exc).__name__)
-        METRICS.inc("credbroker_connect_callbacks_total", outcome="internal_error")
-        return failed_page("internal_error", 500)
-    METRICS.inc("credbroker_connect_callbacks_total", outcome="ok")
-    return connected_page(result.server)
 
 
 async def list_credentials(request: Request) -> Response:
@@ -265,7 +262,20 @@ async def _probe(check: Callable[[], object], limiter: anyio.CapacityLimiter) ->
 
 
 async def readyz(request: Request) -> Response:
+    """Cached for READY_CACHE_SECONDS: an open route must not let anyone ping every worker at will."""
     api = _api(request)
+    async with api.ready_lock():
+        cached = api.ready_cache
+        now = anyio.current_time()
+        if cached is None or now - cached[0] >= READY_CACHE_SECONDS:
+            cached = (anyio.current_time(), await _readiness(api))
+            api.ready_cache = cached
+    status, body = cached[1]
+    return JSONResponse(body, status_code=status)
+
+
+async def _readiness(api: _Api) -> tuple[int, dict[str, Any]]:
+    METRICS.inc("credbroker_readyz_probes_total")
 
     def database() -> bool:
         with api.rt.store.engine.connect() as conn:
@@ -286,9 +296,9 @@ async def readyz(request: Request) -> Response:
     ordered = {name: results[name] for name in checks}
     failed = [name for name, state in ordered.items() if state != "ok"]
     if failed:
-        return JSONResponse({"status": "unavailable", "error": "unavailable",
-                             "message": f"not ready: {', '.join(failed)}", "checks": ordered}, status_code=503)
-    return JSONResponse({"status": "ready", "checks": ordered})
+        return 503, {"status": "unavailable", "error": "unavailable",
+                     "message": f"not ready: {', '.join(failed)}", "checks": ordered}
+    return 200, {"status": "ready", "checks": ordered}
 
 
 async def metrics(request: Request) -> Response:
@@ -306,12 +316,17 @@ async def openapi(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/users/{user_id:path}/subject-token", put_subject_token, methods=["PUT"]),
+    Route("/v1/users/{user_id:userid}/subject-token", put_subject_token, methods=["PUT"]),
+    Route("/v1/users/{user_id:userid}/subject-token", delete_subject_token_route, methods=["DELETE"]),
     Route("/v1/resolve", resolve, methods=["POST"]),
     Route("/v1/connect", connect_start, methods=["POST"]),
+    Route("/v1/connect/open", connect_open, methods=["GET"]),
     Route("/v1/connect/callback", connect_callback, methods=["GET"]),
-    Route("/v1/users/{user_id:path}/credentials", list_credentials, methods=["GET"]),
-    Route("/v1/users/{user_id:path}/credentials/{server}", delete_credential, methods=["DELETE"]),
+    Route("/v1/connect/confirm", connect_confirm, methods=["POST"]),
+    Route("/v1/connect/complete", connect_complete, methods=["POST"]),
+    Route("/v1/users/{user_id:userid}/credentials", list_credentials, methods=["GET"]),
+    Route("/v1/users/{user_id:userid}/credentials/{server}", delete_credential, methods=["DELETE"]),
+    Route("/v1/users/{user_id:userid}", erase, methods=["DELETE"]),
     Route("/v1/audit", audit, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

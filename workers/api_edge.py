@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -20,21 +21,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import BrokerError, Unauthorized
+from broker.errors import BrokerError, InvalidRequest, Unauthorized
 from broker.secret import Secret
 from broker.validation import validate_request_id
 
-from .api_input import bearer_matches
+from .api_input import MAX_BODY_BYTES, bearer_matches, parse_json_object
 from .metrics import METRICS
 
-__all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error"]
+__all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error", "json_body", "no_store"]
 
 log = logging.getLogger("workers.api")
 
 # Where the request id lives in the ASGI scope for the endpoints.
 REQUEST_ID_KEY = "credbroker.request_id"
 # No bearer key: the browser's callback, and probes that cannot hold a secret.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback", "/v1/connect/open",
+                        "/v1/connect/confirm"})
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a refused caller needs to know: where keys come from, and where the demo keeps its key.
 NO_KEYS_MESSAGE = ("no API keys configured: set CREDBROKER_API_KEYS (comma-separated, 16+ characters each) "
@@ -45,6 +47,25 @@ WRONG_KEY_MESSAGE = ("a valid service bearer key is required: send 'Authorizatio
 
 METRICS.describe("credbroker_http_requests_total", "counter", "HTTP API requests by method, route and status")
 METRICS.describe("credbroker_http_request_seconds", "histogram", "HTTP API latency by route")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, read with a hard size cap."""
+    length = request.headers.get("content-length")
+    if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY_BYTES):
+        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return parse_json_object(b"".join(chunks))
+
+
+def no_store(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
 async def broker_error(request: Request, exc: Exception) -> Response:
@@ -68,7 +89,7 @@ def route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     route = scope.get("route")
     if route is None:
         route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
-    return str(getattr(route, "path", "unmatched")).replace(":path}", "}")
+    return str(getattr(route, "path", "unmatched")).replace(":path}", "}").replace(":userid}", "}")
 
 
 class Edge:
@@ -84,7 +105,9 @@ class Edge:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        rid = validate_request_id(headers.get("x-request-id")) or uuid.uuid4().hex
+        # Unauthenticated callers do not choose the id their requests are recorded under.
+        caller_rid = None if scope["path"] in OPEN_PATHS else validate_request_id(headers.get("x-request-id"))
+        rid = caller_rid or uuid.uuid4().hex
         scope[REQUEST_ID_KEY] = rid
         started = time.perf_counter()
         sent: dict[str, int] = {}

@@ -54,7 +54,8 @@ SCHEMAS: dict[str, Any] = {
             "error": {"type": "string", "description": "stable error code", "enum": [
                 "invalid_request", "unauthorized", "unknown_server", "policy_denied", "store_disabled",
                 "unavailable", "timeout", "upstream_error", "not_connected", "subject_token_missing",
-                "no_credential", "not_found", "method_not_allowed", "internal_error", "config_error"]},
+                "no_credential", "not_found", "method_not_allowed", "internal_error", "config_error",
+                "invalid_state", "connect_user_mismatch", "connect_failed"]},
             "message": {"type": "string", "description": "coarse and secret-free"},
             "connect_url": {"type": ["string", "null"], "description": "not_connected only"},
             "reason": {"type": "string", "enum": ["never_connected", "reconnect_required"],
@@ -75,7 +76,13 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False, "required": ["user_id", "server"],
         "properties": {"user_id": _ref("UserId"), "server": _ref("ServerName"),
                        "timeout": {"type": "number", "exclusiveMinimum": 0,
-                                   "description": "seconds; capped at CREDBROKER_RESOLVE_TIMEOUT"}},
+                                   "description": "seconds; capped at CREDBROKER_RESOLVE_TIMEOUT"},
+                       "method": {"type": "string", "examples": ["POST"],
+                                  "description": "DPoP servers (required there): the upstream request's method"},
+                       "url": {"type": "string", "format": "uri",
+                               "description": "DPoP servers (required there): the upstream request's URL"},
+                       "dpop_nonce": {"type": "string", "maxLength": 512,
+                                      "description": "DPoP servers: the resource server's latest DPoP-Nonce"}},
     },
     "Resolved": {
         "type": "object",
@@ -85,6 +92,9 @@ SCHEMAS: dict[str, Any] = {
             "value": {"type": "string", "description": "the header value to inject, e.g. 'Bearer ...'"},
             "token_type": {"type": "string"}, "expires_at": _TS,
             "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow"]},
+            "dpop": {"type": "object", "required": ["header", "value"],
+                     "description": "DPoP servers only: a fresh single-use proof for the method and url given",
+                     "properties": {"header": {"const": "DPoP"}, "value": {"type": ["string", "null"]}}},
         },
     },
     "ConnectRequest": {
@@ -138,6 +148,16 @@ PATHS: dict[str, Any] = {
         "parameters": [_USER_PATH, _REQUEST_ID],
         "requestBody": _body("SubjectTokenRequest"),
         "responses": {"204": {"description": "stored"}, **_COMMON},
+    }, "delete": {
+        "summary": "Forget the user's IdP token (no more minting until a new one is stored)",
+        "parameters": [_USER_PATH, _REQUEST_ID],
+        "responses": {"204": {"description": "deleted (also when none was stored)"}, **_COMMON},
+    }},
+    "/v1/users/{user_id}": {"delete": {
+        "summary": "Erase the user: revoke upstream, delete credentials, subject token and pending links",
+        "parameters": [_USER_PATH, _REQUEST_ID],
+        "responses": {"204": {"description": "erased (also when nothing was stored); audited as erase"},
+                      **_COMMON},
     }},
     "/v1/resolve": {"post": {
         "summary": "The header to inject for (user, server) now",
@@ -161,12 +181,44 @@ PATHS: dict[str, Any] = {
         "responses": {"200": _json("Started", _ref("ConnectStart")),
                       "404": _error("Server not configured", "unknown_server"), **_COMMON},
     }},
+    "/v1/connect/open": {"get": {
+        "summary": "Browser mode: the connect link; binds this browser (cookie) and redirects to the "
+                   "authorization server (no bearer key)",
+        "security": _OPEN,
+        "parameters": [{"name": "state", "in": "query", "required": True, "schema": {"type": "string"}}],
+        "responses": {"302": {"description": "to the authorization server, with Set-Cookie"},
+                      "400": dict(_PAGE, description="Failed: unknown, used, expired or already opened link")},
+    }},
+    "/v1/connect/confirm": {"post": {
+        "summary": "Browser mode: the user's confirming click; redeems the code and stores (no bearer key; "
+                   "needs the link's cookie)",
+        "security": _OPEN,
+        "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "required": ["state"], "properties": {"state": {"type": "string"}}}}}},
+        "responses": {"200": dict(_PAGE, description="Connected: names the server and the masked broker user"),
+                      "400": dict(_PAGE, description="Failed: a coarse reason, never a secret")},
+    }},
+    "/v1/connect/complete": {"post": {
+        "summary": "Gateway mode: complete a flow for the user the gateway authenticated",
+        "parameters": [_REQUEST_ID],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["state", "code", "user_id"], "additionalProperties": False,
+            "properties": {"state": {"type": "string"}, "code": {"type": "string"},
+                           "user_id": _ref("UserId")}}}}},
+        "responses": {"200": _json("Connected", {"type": "object", "required": ["server", "status"], "properties": {
+                          "server": {"type": "string"}, "status": {"const": "connected"}}}),
+                      "400": _error("Unknown, used or expired state", "invalid_state", "connect_failed"),
+                      "403": _error("The state was made for another user; it is burned", "connect_user_mismatch"),
+                      "502": _error("The authorization server refused the code", "upstream_error"),
+                      **_COMMON},
+    }},
     "/v1/connect/callback": {"get": {
-        "summary": "Browser callback from the authorization server (no bearer key)",
+        "summary": "Browser callback from the authorization server (no bearer key); browser mode shows "
+                   "the confirmation page, nothing is stored before the confirming POST",
         "security": _OPEN,
         "parameters": [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
                        for n in ("state", "code", "error")],
-        "responses": {"200": dict(_PAGE, description="Connected: names the server"),
+        "responses": {"200": dict(_PAGE, description="Confirm: names the server and the masked broker user"),
                       "400": dict(_PAGE, description="Failed: a coarse reason, never a secret"),
                       "500": dict(_PAGE, description="Internal error: a page without detail"),
                       "503": dict(_PAGE, description="Store disabled or a backing service is down")},

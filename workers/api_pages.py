@@ -11,14 +11,15 @@ from html import escape
 
 from starlette.responses import HTMLResponse
 
-__all__ = ["PAGE_HEADERS", "connected_page", "failed_page"]
+__all__ = ["PAGE_HEADERS", "confirm_page", "connected_page", "failed_page"]
 
 # The callback URL carries the authorization code: keep it out of caches and Referer.
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
     "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    "Content-Security-Policy": ("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+                                "form-action 'self'"),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
 }
@@ -33,6 +34,11 @@ _REASONS = {
     "token_exchange_failed": "The authorization server did not accept the authorization code.",
     "store_disabled": "The credential broker cannot store credentials right now (no encryption key configured).",
     "unavailable": "The credential broker is temporarily unavailable. Try again shortly.",
+    "browser_mismatch": ("This connect link was opened in another browser, so nothing was stored. "
+                         "Ask for a new link and open it yourself."),
+    "link_used": "This connect link was already opened. Ask for a new link.",
+    "gateway_mode": "This deployment completes connections at its gateway, not here.",
+    "upstream_error": "The authorization server did not accept the authorization code.",
 }
 
 _TEMPLATE = """<!doctype html>
@@ -58,10 +64,27 @@ def _page(title: str, body: str, status: int) -> HTMLResponse:
                         headers=PAGE_HEADERS)
 
 
-def connected_page(server: str) -> HTMLResponse:
-    body = (f"<p>Your account is now connected to <strong>{escape(server)}</strong>.</p>\n"
+def connected_page(server: str, masked_user: str | None = None) -> HTMLResponse:
+    who = f" for broker user <code>{escape(masked_user)}</code>" if masked_user else ""
+    body = (f"<p>Your account is now connected to <strong>{escape(server)}</strong>{who}.</p>\n"
             "<p>You can close this window.</p>")
     return _page("Connected", body, 200)
+
+
+def confirm_page(server: str, masked_user: str, state: str, action: str) -> HTMLResponse:
+    """The one confirming click before anything is stored: a POST to ``action``.
+
+    Names the broker user the account will be connected to, so someone who was
+    sent another person's link sees it is not theirs. Holds the state (which the
+    browser already had in its address bar), never the code.
+    """
+    body = (f"<p>Connect your <strong>{escape(server)}</strong> account to the broker user "
+            f"<code>{escape(masked_user)}</code>?</p>\n"
+            "<p>Only continue if this is you. If someone sent you this link, close this window.</p>\n"
+            f'<form method="post" action="{escape(action)}">'
+            f'<input type="hidden" name="state" value="{escape(state)}">'
+            '<button type="submit">Connect</button></form>')
+    return _page("Confirm connection", body, 200)
 
 
 def failed_page(reason: str, status: int = 400) -> HTMLResponse:

@@ -13,12 +13,13 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from broker.audit import AuditEvent, SqlAuditLog
+from broker.audit import Action, AuditEvent, SqlAuditLog
 
 from .constants import AUDIT_GROUP, AUDIT_STREAM, AUDIT_STREAM_MAXLEN, CLIENT_FLUSH_SECONDS, USED_ZSET
 
@@ -136,7 +137,16 @@ def persist_audit_batch(client: redis.Redis, sql: SqlAuditLog, consumer: str, co
             events.append(AuditEvent.from_dict(json.loads(raw)))
         except (TypeError, ValueError):
             log.warning("audit stream: dropped a malformed entry")
+    erased = [e for e in events if e.action is Action.ERASE and e.user_id and (e.reason or "").startswith("erased:")]
+    if erased:
+        # An erase event carries the user's id only until here: its row gets the
+        # pseudonym, and so do every earlier row of the user (the stream is in
+        # order, so those are already in SQL or in this batch).
+        by_user = {e.user_id: str(e.reason) for e in erased}
+        events = [replace(e, user_id=by_user[e.user_id]) if e.user_id in by_user else e for e in events]
     sql.record(events)
+    for user_id, pseudonym in (by_user.items() if erased else ()):
+        sql.pseudonymise(str(user_id), pseudonym)
     ids = [i for i, _ in entries]
     client.xack(AUDIT_STREAM, AUDIT_GROUP, *ids)
     client.xdel(AUDIT_STREAM, *ids)

@@ -22,13 +22,16 @@ from broker.settings import Settings, load_settings
 
 from .tracing import connect_worker_signals
 
-__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT", "QUEUE",
-           "REFRESH_QUEUE", "QUEUES"]
+__all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
+           "TASK_PRUNE_AUDIT", "QUEUE", "REFRESH_QUEUE", "QUEUES"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
 TASK_REFRESH_DUE = "broker.refresh_due"
 TASK_PERSIST_AUDIT = "broker.persist_audit"
+TASK_PRUNE_AUDIT = "broker.prune_audit"
+# Audit retention runs often enough that each run deletes little (bounded batches).
+PRUNE_AUDIT_SECONDS = 600
 QUEUE = "credbroker"
 REFRESH_QUEUE = QUEUE + ".refresh"
 # What a worker consumes by default, in the order it serves them.
@@ -66,10 +69,11 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
             "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
+            "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks"]
+        app.conf.imports = ["workers.tasks", "workers.retention"]
     return app
 
 

@@ -23,7 +23,7 @@ from .cli_common import NEEDS_NO_SETTINGS, UsageError, check_required
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = ("up", "api", "worker", "beat", "flower", "keygen", "rotate-keys", "resolve", "credentials", "audit",
-            "db", "servers")
+            "db", "servers", "users")
 # Errors that mean "the command line or the configuration is wrong" (exit 2).
 _USAGE_ERRORS = (ConfigError, InvalidRequest, UnknownServer, UsageError)
 

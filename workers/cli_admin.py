@@ -19,9 +19,43 @@ __all__ = ["register", "Progress"]
 # -- keygen ------------------------------------------------------------------------
 
 
+def cmd_keygen_jwk(args: argparse.Namespace) -> int:
+    """A private_key_jwt key pair: the PEM private key, and the public JWK to register."""
+    import json
+
+    from broker.jose import SigningKey, generate_private_key, private_pem
+
+    if args.transport:
+        raise UsageError("--jwk and --transport are different keys; give one")
+    if args.kid is not None and (not args.kid or not args.kid.isprintable()):
+        raise UsageError("--kid must be printable text")
+    key = SigningKey.of(generate_private_key(args.alg), kid=args.kid)
+    pem = private_pem(key.key)
+    if args.out:
+        try:
+            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot create {args.out!r}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as out:
+            out.write(pem)
+    else:
+        sys.stdout.write(pem)
+    print(json.dumps({"keys": [key.public_jwk()]}, indent=2))
+    if sys.stderr.isatty():
+        where = f"the private key is in {args.out} (mode 600)" if args.out else "keep the PEM block private"
+        print(f"# register the JWK (\"keys\") with the authorization server as this client's key; {where}; "
+              f"set auth_broker.client_auth: private_key_jwt, client_assertion_key_file (or _env) and "
+              f"client_assertion_kid: {key.kid}", file=sys.stderr)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from broker.crypto import generate_key_line
 
+    if args.jwk:
+        return cmd_keygen_jwk(args)
+    if args.alg != "ES256" or args.out:
+        raise UsageError("--alg and --out apply to --jwk")
     if args.transport and args.kid:
         raise UsageError("--kid applies to master keys; a transport key has no key id")
     if args.transport:
@@ -269,9 +303,16 @@ def register(sub: Any) -> None:
         credbroker keygen                      # k1a2b3c4d:base64...
         credbroker keygen --kid 2025-06        # 2025-06:base64...
         credbroker keygen --transport          # base64...
+        credbroker keygen --jwk --out client.pem   # private_key_jwt: PEM to a file, public JWK printed
+        credbroker keygen --jwk --alg RS256        # PEM private key, then {"keys": [public JWK]}
         """)
-    p.add_argument("--kid", metavar="K", help="key id (1-32 of A-Z a-z 0-9 . _ -; default: random)")
+    p.add_argument("--kid", metavar="K", help="key id (1-32 of A-Z a-z 0-9 . _ -; default: random; "
+                                              "with --jwk: the JWK kid, default its RFC 7638 thumbprint)")
     p.add_argument("--transport", action="store_true", help="print a transport key instead of a master key entry")
+    p.add_argument("--jwk", action="store_true",
+                   help="a private_key_jwt key pair: PEM private key and the public JWK to register")
+    p.add_argument("--alg", choices=("ES256", "RS256"), default="ES256", help="with --jwk (default ES256)")
+    p.add_argument("--out", metavar="FILE", help="with --jwk: write the PEM private key to FILE (mode 600)")
     p.set_defaults(handler=cmd_keygen)
 
     p = add_command(sub, "rotate-keys", "re-encrypt every record to the active (first) master key", """

@@ -1,4 +1,4 @@
-"""Per-user commands: ``resolve``, ``credentials``, ``audit``."""
+"""Per-user commands: ``resolve``, ``credentials``, ``users``, ``audit``."""
 
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     validate_user_id(args.user, "USER")
     validate_server_name(args.server, "SERVER")
     with BrokerClient(settings=settings()) as client:
-        resolved = client.resolve(args.user, args.server, timeout=args.timeout)
+        target = {"method": args.method, "url": args.url} if args.method or args.url else {}
+        resolved = client.resolve(args.user, args.server, timeout=args.timeout, **target)
     body = resolved.to_dict()
     if not args.show_secret:
         body["value"] = mask_header_value(body["value"])
+        if isinstance(body.get("dpop"), dict) and body["dpop"].get("value"):
+            body["dpop"] = {**body["dpop"], "value": "<proof: --show-secret>"}
     if args.json:
         emit_json(body)
     else:
@@ -141,6 +144,26 @@ def cmd_credentials_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_rm(args: argparse.Namespace) -> int:
+    from broker.validation import validate_user_id
+
+    from .erasure import erase_user
+
+    configure_logging()
+    validate_user_id(args.user, "USER")
+    rt = _runtime()
+    try:
+        removed = erase_user(rt, args.user)  # revokes upstream where configured
+    finally:
+        rt.close()
+    if args.json:
+        emit_json({"user_id": args.user, "erased": True, "credentials_removed": removed})
+    else:
+        print(f"erased {args.user}: {removed} credential(s) revoked and deleted, subject token and pending "
+              "connect links removed")
+    return 0
+
+
 # -- audit --------------------------------------------------------------------------------------
 
 _AUDIT_COLUMNS = ["ts", "user_id", "server", "action", "outcome", "method", "reason", "request_id"]
@@ -227,6 +250,8 @@ def register(sub: Any) -> None:
                    help="give up after this long (default CREDBROKER_RESOLVE_TIMEOUT)")
     p.add_argument("--json", action="store_true", help="print the resolve body as JSON")
     p.add_argument("--show-secret", action="store_true", help="print the header value in clear")
+    p.add_argument("--method", metavar="M", help="DPoP servers: the upstream request's method (with --url)")
+    p.add_argument("--url", metavar="URL", help="DPoP servers: the upstream request's URL; adds a DPoP proof")
     p.set_defaults(handler=cmd_resolve)
 
     creds = add_command(sub, "credentials", "a user's credentials: list, connect, rm", """
@@ -265,6 +290,21 @@ def register(sub: Any) -> None:
     p.add_argument("server", metavar="SERVER", help="the server name")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_credentials_rm)
+
+    users = add_command(sub, "users", "erase a user: rm", """
+        Remove everything the broker holds for a user (right to erasure).
+        """, "credbroker users rm alice@example.com")
+    usub = users.add_subparsers(dest="users_command", metavar="{rm}", required=True)
+    p = add_command(usub, "rm", "erase a user: revoke, delete credentials, subject token, pending links", """
+        Erase USER: revoke each credential at its authorization server where a
+        revocation endpoint is configured, delete every credential, the
+        subject token, pending connect links and cached copies. The audit
+        trail keeps its events under a pseudonym (erased:...), recorded as an
+        erase event. Same as DELETE /v1/users/USER.
+        """, "credbroker users rm alice@example.com\ncredbroker users rm alice@example.com --json")
+    p.add_argument("user", metavar="USER", help="the user id")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_users_rm)
 
     p = add_command(sub, "audit", "the audit trail, newest first; --follow to keep watching", """
         Show the most recent audit events (resolves, refreshes, connects,

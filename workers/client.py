@@ -24,6 +24,7 @@ from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Ke
 from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
 from broker.models import refresh_point
 from broker.policy import Policy, load_policy
+from broker.resolved import check_nonce, check_request_target, unbound
 from broker.resolver import Acquisition, Resolved, finish, record_failure
 from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
@@ -105,13 +106,22 @@ class BrokerClient:
     # -- public --------------------------------------------------------------
 
     def resolve(self, user_id: str, server: str, timeout: float | None = None,
-                request_id: str | None = None) -> Resolved:
-        """The header to inject for (user, server) now; raises ``broker.errors``."""
+                request_id: str | None = None, *, method: str | None = None,
+                url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
+        """The header to inject for (user, server) now; raises ``broker.errors``.
+
+        For a DPoP server, ``method`` and ``url`` (the upstream request) add a
+        fresh proof, signed here in the caller's process; ``Resolved.apply``
+        sets both headers and ``Resolved.dpop_proof`` mints more. ``dpop_nonce``:
+        the resource server's latest ``DPoP-Nonce``, put in the proof."""
         started = time.perf_counter()
         path = "fast"
         try:
             validate_user_id(user_id)
             validate_server_name(server)
+            if method is not None or url is not None:
+                check_request_target(method or "", url or "")
+            check_nonce(dpop_nonce)
             srv = self.servers.get_server(server)
             if self.sealer is None:
                 raise StoreDisabled("no transport key: set CREDBROKER_TRANSPORT_KEY or CREDBROKER_MASTER_KEYS")
@@ -120,7 +130,8 @@ class BrokerClient:
                 path = "flight"
                 deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
                 acq = self._from_flight(user_id, srv, deadline, request_id)
-            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id)
+            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id,
+                              method=method, url=url, dpop_nonce=dpop_nonce)
             self.audit.mark_used(user_id, srv.key)
         except BrokerError as exc:
             METRICS.inc("credbroker_resolves_total", outcome=exc.code, path=path)
@@ -161,6 +172,8 @@ class BrokerClient:
         cred = acq.credential
         if cred.expires_at is not None and self.clock.now() >= cred.expires_at - self._near:
             return None  # near expiry: take the flight, which renews
+        if unbound(server, cred):
+            return None  # cached before dpop was turned on: the flight renews it with a key
         return acq  # the cached copy is already classified as an inject
 
     # -- flight ------------------------------------------------------------------

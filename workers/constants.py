@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 __all__ = [
-    "PREFIX", "CACHE_PREFIX", "CACHE_MAX_SECONDS", "STALE_CACHE_SECONDS", "FLIGHT_PREFIX", "FLIGHT_HEARTBEAT_MS",
+    "PREFIX", "CACHE_PREFIX", "CACHE_MAX_SECONDS", "FLIGHT_PREFIX", "FLIGHT_HEARTBEAT_MS",
     "TASK_ID_PREFIX", "RESULT_CHANNEL_PREFIX", "AUDIT_STREAM", "AUDIT_GROUP", "AUDIT_STREAM_MAXLEN",
     "PENDING_CONNECT_PREFIX", "USED_ZSET", "BEAT_LOCK", "CLIENT_FLUSH_SECONDS", "pair_id", "cache_key", "flight_key",
 ]
@@ -16,9 +16,6 @@ PREFIX = "credbroker:"
 # credential's refresh point, never longer than this cap.
 CACHE_PREFIX = PREFIX + "cache:"
 CACHE_MAX_SECONDS = 3600
-# A credential served stale (renewal failed) is cached only briefly, so the
-# next renewal attempt comes soon but callers do not all hammer the server.
-STALE_CACHE_SECONDS = 5
 
 # The (user, server) flight claim, holding the id of the one task in flight.
 FLIGHT_PREFIX = PREFIX + "flight:"

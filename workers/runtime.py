@@ -27,9 +27,9 @@ from broker.oauth.sender import TokenEndpointSender, make_http_client
 import httpx
 from broker.policy import Policy, load_policy
 from broker.resolver import Resolver
-from broker.servers import ServerRegistry, servers_from_settings
+from broker.servers import Mode, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
-from broker.state import RedisStateStore, state_key
+from broker.state import BIND_SUFFIX, RedisStateStore, state_key
 from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
@@ -51,6 +51,7 @@ class Runtime:
     servers: ServerRegistry
     redis: redis.Redis
     sealer: Sealer | None
+    internal_sealer: Sealer | None
     claims: Claims
     audit: StreamAuditSink
     store: CredentialStore
@@ -89,34 +90,47 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     servers = servers_from_settings(settings)
     client = redis_client(settings)
     sealer = settings.sealer()
+    internal = settings.internal_sealer()
     near = timedelta(seconds=settings.near_expiry_seconds)
     store = CredentialStore(make_engine(settings.database_url), settings.keyring, clock=clock,
-                            near_expiry=near, refresh_fraction=settings.refresh_fraction)
+                            near_expiry=near, refresh_fraction=settings.refresh_fraction,
+                            idle_seconds=_idle_limits(servers))
     http = make_http_client(settings)
     oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock,
                         on_call=lambda grant, result: cluster_incr(client, "credbroker_provider_calls_total",
                                                                    grant=grant, result=result))
     audit = StreamAuditSink(client)
     connect = None
-    if sealer is not None:
-        connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, sealer), audit, clock,
-                              settings.callback_url, settings.state_ttl_seconds,
+    if internal is not None:
+        # States are sealed with the internal key: a gateway holding only the
+        # transport key cannot forge one.
+        connect = ConnectFlow(servers, store, oauth, RedisStateStore(client, internal), audit, clock,
+                              settings.callback_url, settings.state_ttl_seconds, open_url=settings.open_url,
+                              states_per_pair=settings.connect_states_per_pair,
                               lease_seconds=lease_seconds(settings))
     policy = load_policy(settings.policy)
     # Flights call providers through the per-server limiter and breaker.
     guard = ServerGuard(client, GuardLimits.from_settings(settings), clock)
     resolver = Resolver(
         servers, store, GuardedOAuth(oauth, guard), audit, clock, policy=policy,
-        connect_url=pending_connect_url(client, sealer, connect, settings.state_ttl_seconds) if connect else None,
+        connect_url=pending_connect_url(client, internal, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
+        backoff_seconds=settings.renewal_backoff_seconds, backoff_max_seconds=settings.renewal_backoff_max_seconds,
         lease_seconds=lease_seconds(settings), lease_margin=settings.lease_margin_seconds,
     )
     resolver.on_rotation_lost = lambda server: cluster_incr(client, "credbroker_rotation_lost_total", server=server)
     # Flight heartbeats get their own connection with a short timeout, so one
     # stalled extension is noticed well before the claim could expire.
     heartbeat = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
-    return Runtime(settings, servers, client, sealer, Claims(client), audit, store, oauth, resolver, connect,
+    return Runtime(settings, servers, client, sealer, internal, Claims(client), audit, store, oauth, resolver, connect,
                    policy, clock, http, Claims(heartbeat), guard)
+
+
+def _idle_limits(servers: ServerRegistry) -> Callable[[str], float | None]:
+    """server_key -> refresh-token idle limit, for connect servers that set one."""
+    limits = {s.key: float(s.auth_broker.refresh_token_idle_seconds) for s in servers.values()
+              if s.mode is Mode.OAUTH_CONNECT and s.auth_broker.refresh_token_idle_seconds}
+    return limits.get
 
 
 def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: ConnectFlow,
@@ -134,8 +148,10 @@ def pending_connect_url(client: redis.Redis, sealer: Sealer | None, connect: Con
             blob = client.get(key)
             if blob is not None:
                 pending = sealer.open_json(blob, key)
-                # Reuse only while its state is unused (a callback consumes it).
-                if isinstance(pending, dict) and client.exists(pending["k"]):
+                # Reuse only while its state is unused (a callback consumes it)
+                # and, in browser mode, no browser has opened the link yet.
+                if (isinstance(pending, dict) and client.exists(pending["k"])
+                        and not client.exists(pending["k"] + BIND_SUFFIX)):
                     return str(pending["u"])
         except (redis.RedisError, DecryptError, ValueError, KeyError):
             pass

@@ -13,14 +13,14 @@ from typing import Any
 from celery.exceptions import Ignore
 from celery.signals import task_postrun, task_revoked, worker_process_init
 
-from broker.audit import Action, Outcome, SqlAuditLog
+from broker.audit import Action, SqlAuditLog
 from broker.errors import BrokerError, NoCredential, StoreDisabled
 from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used, restore_used
 from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
-from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, STALE_CACHE_SECONDS, cache_key, flight_key
+from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
 from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
@@ -38,18 +38,16 @@ def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
 
     The cached copy outlives the refresh point on purpose: between the refresh
     point and near-expiry the beat renews it while callers keep being served
-    from the cache, so no caller waits on the provider.
+    from the cache, so no caller waits on the provider. A credential served
+    stale after a failed renewal is still good until then: it is cached the
+    same way, so callers are not sent to a failing provider; the beat retries
+    on the credential's backoff schedule.
     """
     assert rt.sealer is not None
     cred = acq.credential
     now = rt.clock.now()
-    if acq.outcome is Outcome.STALE:
-        end = now + timedelta(seconds=STALE_CACHE_SECONDS)
-        if cred.expires_at is not None:
-            end = min(end, cred.expires_at)
-    else:
-        cap = now + timedelta(seconds=CACHE_MAX_SECONDS)
-        end = cap if cred.expires_at is None else min(cred.expires_at - rt.store.near_expiry, cap)
+    cap = now + timedelta(seconds=CACHE_MAX_SECONDS)
+    end = cap if cred.expires_at is None else min(cred.expires_at - rt.store.near_expiry, cap)
     ttl_ms = int((end - now).total_seconds() * 1000)
     if ttl_ms <= 0:
         return
@@ -187,7 +185,10 @@ def _scan(rt: Runtime, lock: ScanLock) -> dict[str, Any]:
         restore_used(rt.redis, uses)  # keep the marks for the next scan
         raise
     now = rt.clock.now()
-    due = rt.store.due(now, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000)
+    # A fair share per configured server, then the idle refresh tokens to keep alive.
+    due = rt.store.due(now, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000,
+                       server_keys=[srv.key for srv in rt.servers.values()])
+    due = list(dict.fromkeys(due + rt.store.keepalive_due(now, limit=1_000)))
     queued = rt.redis.llen(REFRESH_QUEUE)
     budget = scan_budget(s.worker_slots, take_started(rt.redis), queued)
     guard = rt.guard

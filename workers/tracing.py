@@ -35,8 +35,8 @@ __all__ = ["TRACING_VARIABLE", "tracing_mode", "setup_tracing", "instrument_api"
 log = logging.getLogger(__name__)
 
 TRACING_VARIABLE = "CREDBROKER_TRACING"
-# Paths never traced: the callback's query string holds the authorization code and state.
-EXCLUDED_URLS = "/v1/connect/callback,/healthz,/readyz,/metrics"
+# Paths never traced: the browser connect routes carry the state (and the callback the code).
+EXCLUDED_URLS = "/v1/connect/callback,/v1/connect/open,/v1/connect/confirm,/healthz,/readyz,/metrics"
 
 _lock = threading.Lock()
 _provider: Any = None

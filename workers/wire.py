@@ -11,6 +11,7 @@ from typing import Any
 
 from broker.audit import Action, Outcome
 from broker.crypto import Sealer
+from broker.dpop import DPoPKey
 from broker.models import Credential, ObtainedVia
 from broker.resolver import Acquisition
 from broker.secret import Secret
@@ -36,11 +37,15 @@ def connect_url_purpose(task_id: str) -> str:
 
 def to_envelope(user_id: str, server_key: str, acq: Acquisition) -> dict[str, Any]:
     c = acq.credential
-    return {
+    env = {
         "v": 1, "u": user_id, "k": server_key, "a": c.access_token.reveal(), "tt": c.token_type,
         "exp": _ts(c.expires_at), "iat": _ts(c.issued_at), "sc": list(c.scopes), "aud": c.audience,
         "via": c.obtained_via.value, "act": acq.action.value, "out": acq.outcome.value, "rsn": acq.reason,
     }
+    if c.dpop_key is not None:
+        # The caller mints DPoP proofs itself, so the key rides along, sealed like the token.
+        env["dk"] = c.dpop_key.to_private_jwk()
+    return env
 
 
 def from_envelope(env: dict[str, Any], user_id: str, server_key: str) -> Acquisition:
@@ -50,7 +55,7 @@ def from_envelope(env: dict[str, Any], user_id: str, server_key: str) -> Acquisi
     cred = Credential(
         access_token=Secret(env["a"]), obtained_via=ObtainedVia(env["via"]), token_type=env["tt"],
         expires_at=_dt(env.get("exp")), issued_at=_dt(env.get("iat")), scopes=tuple(env.get("sc") or ()),
-        audience=env.get("aud"),
+        audience=env.get("aud"), dpop_key=DPoPKey.from_private_jwk(env["dk"]) if env.get("dk") else None,
     )
     return Acquisition(cred, Action(env["act"]), Outcome(env["out"]), env.get("rsn"))
 

@@ -1,7 +1,8 @@
 """OAuth and token-exchange protocol code: pure builders and parsers, one thin sender.
 
     pkce        PKCE verifier/challenge and connect state
-    forms       request builders (RFC 8693, Entra OBO, RFC 6749, RFC 7009)
+    forms       request builders (RFC 8693, Entra OBO, RFC 6749, RFC 7009) and client auth
+    assertion   RFC 7523 client assertions (private_key_jwt)
     responses   token / error response parsers (secret-free errors)
     backoff     retry timing
     sender      httpx sender: bounded body, bounded retries

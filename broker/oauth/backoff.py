@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..errors import UpstreamError
 
-__all__ = ["compute_backoff", "retry_delay"]
+__all__ = ["compute_backoff", "retry_delay", "next_attempt_delay"]
 
 # Keeps factor ** exponent finite for absurd attempt numbers.
 _MAX_EXPONENT = 32
@@ -56,3 +56,28 @@ def retry_delay(
     if delay >= remaining_budget:
         return None
     return delay
+
+
+def next_attempt_delay(
+    failures: int,
+    *,
+    retry_after: float | None = None,
+    base: float = 10.0,
+    cap: float = 3600.0,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds before a credential's next renewal after ``failures`` consecutive
+    transient failures (1 = the first).
+
+    Exponential with "equal" jitter (uniform in [d/2, d]): spread enough that
+    credentials which failed together do not return together, with a floor so
+    one unlucky draw cannot turn backoff into a retry storm. A server's
+    ``Retry-After`` is a lower bound; ``cap`` bounds everything, so a server
+    asking for a month is asked again within the cap.
+    """
+    exponent = min(max(failures, 1) - 1, _MAX_EXPONENT)
+    delay = min(cap, base * 2.0**exponent)
+    delay = delay / 2 + delay / 2 * rand()
+    if retry_after is not None and retry_after > delay:
+        delay = retry_after
+    return max(0.0, min(cap, delay))

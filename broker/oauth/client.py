@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 from ..clock import Clock, SystemClock
+from ..dpop import DPoPKey, dpop_proof
 from ..errors import ConfigError, NotConnected, UpstreamError
 from ..models import Credential, ObtainedVia
 from ..providers import response_adapter
@@ -46,6 +47,15 @@ def call_result(error: UpstreamError | None) -> str:
     if error.status is None:
         return "network"
     return f"http_{error.status // 100}xx"
+
+
+def _bound(credential: Credential, key: DPoPKey, status: int) -> Credential:
+    """The credential with its DPoP key; a server that issued a Bearer token
+    instead ignored the proof, and that token would be refused as DPoP."""
+    if credential.token_type.lower() != "dpop":
+        raise UpstreamError("authorization server did not bind the token to the DPoP key "
+                            "(token_type is not DPoP)", status=status)
+    return credential.with_changes(dpop_key=key, token_type="DPoP")
 
 
 class OAuthClient:
@@ -94,18 +104,31 @@ class OAuthClient:
         self._record(req.grant, None)
         return response
 
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _proof(self, cfg: AuthBrokerConfig, key: DPoPKey | None) -> forms.Proof | None:
+        """A proof minter for the token endpoint of a DPoP server (wall clock: one per attempt)."""
+        if not cfg.dpop or key is None:
+            return None
+        url = cfg.token_endpoint or ""
+        return lambda nonce: dpop_proof(key, "POST", url, self._now(), nonce=nonce)
+
     def _token(
         self, server: ServerConfig, cfg: AuthBrokerConfig, req: TokenRequest, *,
         obtained_via: ObtainedVia, scopes: tuple[str, ...], audience: str | None,
+        dpop_key: DPoPKey | None = None, retry: bool = True,
     ) -> Credential:
         now = self._clock.now()
         try:
-            status, headers, body = self._sender.send(req)
+            status, headers, body = self._sender.send(req, max_attempts=None if retry else 1)
             credential = parse_token_response(
                 status, headers, body, obtained_via=obtained_via, requested_scopes=scopes,
                 now=now, audience=audience, adapt=response_adapter(cfg.provider),
                 default_lifetime=cfg.default_lifetime_seconds,
             )
+            if dpop_key is not None:
+                credential = _bound(credential, dpop_key, status)
         except UpstreamError as exc:
             self._record(req.grant, exc)
             log.warning("token request failed host=%s grant=%s status=%s oauth_error=%s",
@@ -126,28 +149,35 @@ class OAuthClient:
         log.warning("server=%s: token response has no expires_in and the token no readable expiry; "
                     "treated as never expiring (set auth_broker.default_lifetime_seconds)", server.name)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
-        """A fresh credential from the user's subject token (token_exchange or entra_obo)."""
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
+        """A fresh credential from the user's subject token (token_exchange or entra_obo).
+
+        ``retry=False``: one attempt (the caller keeps a valid credential and
+        schedules its own next attempt)."""
         cfg = self.endpoints(server)
+        key = DPoPKey.generate() if cfg.dpop else None  # a fresh mint binds a fresh key
+        pop = {"now": self._now(), "proof": self._proof(cfg, key)}
         if server.mode == Mode.TOKEN_EXCHANGE:
-            req, via = forms.token_exchange_request(cfg, subject_token), ObtainedVia.TOKEN_EXCHANGE
+            req, via = forms.token_exchange_request(cfg, subject_token, **pop), ObtainedVia.TOKEN_EXCHANGE
         elif server.mode == Mode.ENTRA_OBO:
-            req, via = forms.obo_request(cfg, subject_token), ObtainedVia.ENTRA_OBO
+            req, via = forms.obo_request(cfg, subject_token, **pop), ObtainedVia.ENTRA_OBO
         else:
             raise ConfigError(f"server {server.name!r}: mode {server.mode} cannot mint from a subject token")
         return self._token(server, cfg, req, obtained_via=via, scopes=cfg.scopes,
-                           audience=cfg.audience or cfg.resource)
+                           audience=cfg.audience or cfg.resource, dpop_key=key, retry=retry)
 
     def redeem_code(self, server: ServerConfig, code: str, verifier: str, redirect_uri: str) -> Credential:
         """Exchange a connect-flow authorization code (with its PKCE verifier)."""
         cfg = self.endpoints(server)
-        req = forms.authorization_code_request(cfg, code, verifier, redirect_uri)
+        key = DPoPKey.generate() if cfg.dpop else None
+        req = forms.authorization_code_request(cfg, code, verifier, redirect_uri, now=self._now(),
+                                               proof=self._proof(cfg, key))
         return self._token(
             server, cfg, req, obtained_via=ObtainedVia.CONNECT_FLOW, scopes=cfg.scopes,
-            audience=cfg.audience or cfg.resource,
+            audience=cfg.audience or cfg.resource, dpop_key=key,
         )
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         """Renew with the refresh-token grant.
 
         A rotated refresh token replaces the old one; when the response has
@@ -158,13 +188,15 @@ class OAuthClient:
         if credential.refresh_token is None:
             raise NotConnected(reason=NotConnected.RECONNECT_REQUIRED)
         cfg = self.endpoints(server)
-        req = forms.refresh_request(cfg, credential.refresh_token)
+        # The refresh token is bound to the key its grant was made with (RFC 9449 section 5).
+        key = (credential.dpop_key or DPoPKey.generate()) if cfg.dpop else None
+        req = forms.refresh_request(cfg, credential.refresh_token, now=self._now(), proof=self._proof(cfg, key))
         # Without a scope parameter the server grants the original scopes.
         sent_scope = "scope" in req.form
         scopes = cfg.scopes if sent_scope else (credential.scopes or cfg.scopes)
         renewed = self._token(
             server, cfg, req, obtained_via=credential.obtained_via, scopes=scopes,
-            audience=credential.audience or cfg.audience or cfg.resource,
+            audience=credential.audience or cfg.audience or cfg.resource, dpop_key=key, retry=retry,
         )
         if renewed.refresh_token is None:
             renewed = renewed.with_changes(refresh_token=credential.refresh_token)
@@ -191,7 +223,7 @@ class OAuthClient:
         for token, hint in tokens:
             if token is None:
                 continue
-            req = forms.revocation_request(cfg, token, hint)
+            req = forms.revocation_request(cfg, token, hint, now=self._now())
             try:
                 self._send(req)
             except UpstreamError as exc:

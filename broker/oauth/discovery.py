@@ -3,12 +3,22 @@
 Fills the endpoints a server config leaves out when it names an ``issuer``.
 The metadata's ``issuer`` must match the configured one (RFC 8414 §3.3), so
 a document served from the right URL but for another server is refused.
+
+Discovered endpoints are where the client secret and tokens go, so a
+metadata document must not be able to point them anywhere (SSRF): each must
+be https on the issuer's host (or a host the server lists in
+``auth_broker.discovery_hosts``), and its resolved addresses must not be
+loopback, private or link-local unless the issuer itself is on loopback (local
+development) or the host is listed. A violation is a ConfigError naming the
+field, never quoting the document.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -26,6 +36,9 @@ __all__ = [
     "metadata_urls",
     "is_allowed_endpoint",
     "needs_discovery",
+    "Resolve",
+    "system_resolve",
+    "check_discovered_endpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,66 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[str], tuple[int, Mapping[str, str], bytes]]
 
 _ENDPOINT_FIELDS = ("token_endpoint", "authorization_endpoint", "revocation_endpoint")
+
+# host -> its IP addresses (empty when it does not resolve).
+Resolve = Callable[[str], list[str]]
+
+
+def system_resolve(host: str) -> list[str]:
+    """The addresses the system resolver gives for ``host`` (empty on failure)."""
+    try:
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+    except (OSError, UnicodeError):
+        return []
+
+
+def _internal(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+            or ip.is_reserved or not ip.is_global)
+
+
+def _host_port(parts: object) -> str:
+    host = str(getattr(parts, "hostname", "") or "").lower()
+    port = getattr(parts, "port", None) or {"https": 443, "http": 80}.get(str(getattr(parts, "scheme", "")), 0)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_discovered_endpoint(field: str, url: str, issuer: str, allowed_hosts: tuple[str, ...] = (),
+                              resolve: Resolve | None = None) -> str:
+    """``url`` if a discovered endpoint may be used, else ConfigError (never quoting the URL)."""
+    bad = f"authorization server metadata: {field}"
+    if not is_allowed_endpoint(url):
+        raise ConfigError(f"{bad} is not an https URL")
+    parts, issuer_parts = urlsplit(url), urlsplit(issuer)
+    issuer_loopback = is_loopback(issuer_parts.hostname or "")
+    if parts.scheme != "https" and not (issuer_loopback and issuer_parts.scheme == "http"):
+        raise ConfigError(f"{bad} must be https")
+    host = (parts.hostname or "").lower()
+    listed = host in allowed_hosts or f"{host}:{parts.port or 443}" in allowed_hosts
+    if _host_port(parts) != _host_port(issuer_parts) and not listed:
+        raise ConfigError(f"{bad} is not on the issuer's host (list other hosts in auth_broker.discovery_hosts)")
+    if issuer_loopback or listed:
+        return url
+    addresses = [host] if _is_ip(host) else (resolve or system_resolve)(host)
+    if not addresses:
+        raise ConfigError(f"{bad}: host does not resolve")
+    if any(_internal(a) for a in addresses):
+        raise ConfigError(f"{bad} resolves to a loopback, private or link-local address")
+    return url
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_allowed_endpoint(url: str) -> bool:
@@ -115,7 +188,8 @@ def _same_issuer(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def _fetch_metadata(issuer: str, fetch: Fetch) -> dict[str, str]:
+def _fetch_metadata(issuer: str, fetch: Fetch, allowed_hosts: tuple[str, ...] = (),
+                    resolve: Resolve | None = None) -> dict[str, str]:
     status = 0
     for url in metadata_urls(issuer):
         status, _headers, body = fetch(url)
@@ -135,9 +209,9 @@ def _fetch_metadata(issuer: str, fetch: Fetch) -> dict[str, str]:
             value = data.get(field)
             if value is None:
                 continue
-            if not isinstance(value, str) or not is_allowed_endpoint(value):
+            if not isinstance(value, str):
                 raise UpstreamError(f"authorization server metadata has an invalid {field}")
-            endpoints[field] = value
+            endpoints[field] = check_discovered_endpoint(field, value, issuer, allowed_hosts, resolve)
         return endpoints
     raise UpstreamError("authorization server metadata not found", status=status or None)
 
@@ -148,6 +222,7 @@ def resolve_endpoints(
     cache: MetadataCache | None = None,
     *,
     also: tuple[str, ...] = (),
+    resolve: Resolve | None = None,
 ) -> AuthBrokerConfig:
     """``cfg`` with missing endpoints filled from the issuer's metadata.
 
@@ -161,12 +236,14 @@ def resolve_endpoints(
     assert issuer is not None
     if not is_allowed_endpoint(issuer):
         raise ConfigError("auth_broker.issuer must be an https URL (or http on loopback)")
-    endpoints = cache.get(issuer) if cache is not None else None
+    # Keyed by the allow-list too: what one server accepts, another may not.
+    cache_key = issuer if not cfg.discovery_hosts else f"{issuer} {' '.join(cfg.discovery_hosts)}"
+    endpoints = cache.get(cache_key) if cache is not None else None
     if endpoints is None:
-        endpoints = _fetch_metadata(issuer, fetch)
+        endpoints = _fetch_metadata(issuer, fetch, cfg.discovery_hosts, resolve)
         log.info("discovered authorization server metadata host=%s", urlsplit(issuer).hostname)
         if cache is not None:
-            cache.put(issuer, endpoints)
+            cache.put(cache_key, endpoints)
     missing = {f: endpoints[f] for f in _ENDPOINT_FIELDS if not getattr(cfg, f) and f in endpoints}
     resolved = replace(cfg, **missing)
     if not resolved.token_endpoint:

@@ -9,15 +9,19 @@ place, ``_authenticate``.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError
 from ..secret import Secret
 from ..servers import AuthBrokerConfig, ClientAuth, RefreshScope
+from .assertion import CLIENT_ASSERTION_TYPE, client_assertion
 
 __all__ = [
     "TokenRequest",
+    "Proof",
     "GRANT_TOKEN_EXCHANGE",
     "GRANT_JWT_BEARER",
     "GRANT_AUTHORIZATION_CODE",
@@ -38,6 +42,9 @@ GRANT_AUTHORIZATION_CODE = "authorization_code"
 GRANT_REFRESH_TOKEN = "refresh_token"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
+# Given the server's latest DPoP nonce (or None), a fresh proof for this request.
+Proof = Callable[[str | None], str]
+
 # Short, bounded labels for logs and metrics (never the form itself).
 _GRANT_LABELS = {
     GRANT_TOKEN_EXCHANGE: "token_exchange",
@@ -54,6 +61,11 @@ class TokenRequest:
     url: str
     form: dict[str, str]
     headers: dict[str, str]
+    # DPoP servers: mints a fresh proof for each attempt, given the server's
+    # latest nonce (or None); the sender calls it, so retries never reuse one.
+    proof: Callable[[str | None], str] | None = field(default=None, compare=False)
+    # private_key_jwt: a fresh assertion for a retried attempt (each ``jti`` is used once).
+    reassert: Callable[[], str] | None = field(default=None, compare=False)
 
     @property
     def grant(self) -> str:
@@ -96,11 +108,19 @@ def _require(value: str | None, field: str) -> str:
     return value
 
 
-def _authenticate(cfg: AuthBrokerConfig, form: dict[str, str]) -> dict[str, str]:
+def _assertion_audience(cfg: AuthBrokerConfig, url: str) -> str:
+    if cfg.client_assertion_aud == "issuer":
+        return _require(cfg.issuer, "issuer")
+    return cfg.token_endpoint or url
+
+
+def _authenticate(cfg: AuthBrokerConfig, form: dict[str, str], url: str, now: float | None) -> dict[str, str]:
     """Apply the configured client authentication; returns the extra headers.
 
     - ``client_secret_post``: client_id and client_secret in the form.
     - ``client_secret_basic``: an Authorization header; client_id not in the form.
+    - ``private_key_jwt`` (RFC 7523 §2.2): client_id and a fresh signed
+      assertion (its own ``jti``, a one-minute ``exp``) in the form.
     - public client (no secret): client_id in the form only.
     """
     headers: dict[str, str] = {}
@@ -113,20 +133,38 @@ def _authenticate(cfg: AuthBrokerConfig, form: dict[str, str]) -> dict[str, str]
         headers["Authorization"] = basic_authorization(cfg.client_id, secret)
         return headers
     form["client_id"] = cfg.client_id
+    if cfg.client_auth == ClientAuth.PRIVATE_KEY_JWT:
+        if cfg.client_assertion_key is None:
+            raise ConfigError("auth_broker.client_auth is private_key_jwt but no client assertion key is loaded")
+        form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
+        form["client_assertion"] = client_assertion(
+            cfg.client_assertion_key, cfg.client_id, _assertion_audience(cfg, url),
+            time.time() if now is None else now,
+        )
+        return headers
     if secret:
         form["client_secret"] = secret
     return headers
 
 
-def _token_request(cfg: AuthBrokerConfig, url: str, form: dict[str, str]) -> TokenRequest:
-    return TokenRequest(url=url, form=form, headers=_authenticate(cfg, form))
+def _token_request(cfg: AuthBrokerConfig, url: str, form: dict[str, str], now: float | None = None,
+                   proof: Callable[[str | None], str] | None = None) -> TokenRequest:
+    headers = _authenticate(cfg, form, url, now)
+    reassert = None
+    if "client_assertion" in form:
+        key, client_id, aud = cfg.client_assertion_key, form["client_id"], _assertion_audience(cfg, url)
+        assert key is not None
+        # Retries happen later than ``now``: they read the wall clock.
+        reassert = lambda: client_assertion(key, client_id, aud, time.time())  # noqa: E731
+    return TokenRequest(url=url, form=form, headers=headers, proof=proof, reassert=reassert)
 
 
 def _reveal(value: Secret | str) -> str:
     return value.reveal() if isinstance(value, Secret) else value
 
 
-def token_exchange_request(cfg: AuthBrokerConfig, subject_token: Secret) -> TokenRequest:
+def token_exchange_request(cfg: AuthBrokerConfig, subject_token: Secret, *, now: float | None = None,
+                           proof: Proof | None = None) -> TokenRequest:
     """RFC 8693 token exchange with the user's IdP token as the subject."""
     form = {
         "grant_type": GRANT_TOKEN_EXCHANGE,
@@ -140,10 +178,11 @@ def token_exchange_request(cfg: AuthBrokerConfig, subject_token: Secret) -> Toke
         form["audience"] = cfg.audience
     if cfg.scopes:
         form["scope"] = " ".join(cfg.scopes)
-    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form)
+    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)
 
 
-def obo_request(cfg: AuthBrokerConfig, assertion: Secret) -> TokenRequest:
+def obo_request(cfg: AuthBrokerConfig, assertion: Secret, *, now: float | None = None,
+                proof: Proof | None = None) -> TokenRequest:
     """Microsoft Entra On-Behalf-Of: the user's token as a jwt-bearer assertion."""
     form = {
         "grant_type": GRANT_JWT_BEARER,
@@ -152,11 +191,12 @@ def obo_request(cfg: AuthBrokerConfig, assertion: Secret) -> TokenRequest:
     }
     if cfg.scopes:
         form["scope"] = " ".join(cfg.scopes)
-    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form)
+    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)
 
 
 def authorization_code_request(
-    cfg: AuthBrokerConfig, code: Secret | str, verifier: Secret | str, redirect_uri: str
+    cfg: AuthBrokerConfig, code: Secret | str, verifier: Secret | str, redirect_uri: str, *,
+    now: float | None = None, proof: Proof | None = None,
 ) -> TokenRequest:
     """Redeem a connect-flow authorization code with its PKCE verifier (RFC 6749 §4.1.3)."""
     form = {
@@ -167,10 +207,11 @@ def authorization_code_request(
     }
     if cfg.resource:
         form["resource"] = cfg.resource
-    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form)
+    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)
 
 
-def refresh_request(cfg: AuthBrokerConfig, refresh_token: Secret) -> TokenRequest:
+def refresh_request(cfg: AuthBrokerConfig, refresh_token: Secret, *, now: float | None = None,
+                    proof: Proof | None = None) -> TokenRequest:
     """Refresh-token grant (RFC 6749 §6).
 
     ``scope`` is omitted by default: the new token then carries the scope
@@ -185,17 +226,17 @@ def refresh_request(cfg: AuthBrokerConfig, refresh_token: Secret) -> TokenReques
         form["scope"] = " ".join(cfg.scopes)
     if cfg.resource:
         form["resource"] = cfg.resource
-    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form)
+    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)
 
 
 def revocation_request(
-    cfg: AuthBrokerConfig, token: Secret, token_type_hint: str | None = None
+    cfg: AuthBrokerConfig, token: Secret, token_type_hint: str | None = None, *, now: float | None = None,
 ) -> TokenRequest:
     """RFC 7009 revocation of one token, authenticated like a token request."""
     form = {"token": token.reveal()}
     if token_type_hint:
         form["token_type_hint"] = token_type_hint
-    return _token_request(cfg, _require(cfg.revocation_endpoint, "revocation_endpoint"), form)
+    return _token_request(cfg, _require(cfg.revocation_endpoint, "revocation_endpoint"), form, now)
 
 
 def authorize_url(cfg: AuthBrokerConfig, state: str, challenge: str, redirect_uri: str) -> str:

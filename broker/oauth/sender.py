@@ -7,8 +7,10 @@ never a form, a header value or a body.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -101,6 +103,19 @@ def _read_capped(response: httpx.Response) -> bytes:
     return bytes(body)
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}".lower()
+
+
+def _wants_nonce(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("error") == "use_dpop_nonce"
+
+
 class TokenEndpointSender:
     """Sends requests to authorization servers with bounded, jittered retries.
 
@@ -125,6 +140,9 @@ class TokenEndpointSender:
         self._sleep = sleep
         self._monotonic = monotonic
         self._rand = rand
+        # The latest DPoP-Nonce per authorization-server origin (RFC 9449 section 8).
+        self._dpop_nonces: dict[str, str] = {}
+        self._nonce_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, http: httpx.Client | None = None) -> TokenEndpointSender:
@@ -134,18 +152,51 @@ class TokenEndpointSender:
             max_attempts=settings.provider_max_attempts,
         )
 
-    def send(self, req: TokenRequest) -> Response:
+    def send(self, req: TokenRequest, *, max_attempts: int | None = None) -> Response:
         """POST the form; return a 2xx ``(status, headers, body)`` or raise UpstreamError.
 
         A non-2xx answer raises the secret-free error from
-        ``parse_error_response`` (status and allow-listed code only).
+        ``parse_error_response`` (status and allow-listed code only). Every
+        attempt carries a fresh client assertion and DPoP proof (never one
+        already sent); a ``use_dpop_nonce`` answer with a ``DPoP-Nonce`` is
+        retried once with that nonce. ``max_attempts`` lowers the configured
+        attempt limit for this call.
         """
-        status, headers, body = self._with_retries(
-            lambda: self._once("POST", req.url, req.form, req.headers), req.host, req.grant
-        )
+        origin = _origin(req.url)
+        attempts = 0
+
+        def once() -> Response:
+            nonlocal attempts
+            attempts += 1
+            form, headers = req.form, req.headers
+            if attempts > 1 and req.reassert is not None:
+                form = {**form, "client_assertion": req.reassert()}
+            if req.proof is not None:
+                headers = {**headers, "DPoP": req.proof(self._nonce(origin))}
+            response = self._once("POST", req.url, form, headers)
+            if req.proof is not None and response[1].get("dpop-nonce"):
+                self._remember_nonce(origin, response[1]["dpop-nonce"])
+            return response
+
+        status, headers, body = self._with_retries(once, req.host, req.grant, max_attempts)
+        if req.proof is not None and status in (400, 401) and headers.get("dpop-nonce") and _wants_nonce(body):
+            log.info("authorization server host=%s grant=%s: DPoP nonce required, retrying once", req.host, req.grant)
+            status, headers, body = self._with_retries(once, req.host, req.grant, max_attempts)
         if not 200 <= status < 300:
             raise parse_error_response(status, headers, body)
         return status, headers, body
+
+    def _nonce(self, origin: str) -> str | None:
+        with self._nonce_lock:
+            return self._dpop_nonces.get(origin)
+
+    def _remember_nonce(self, origin: str, nonce: str) -> None:
+        if len(nonce) > 512 or not nonce.isascii() or not nonce.isprintable():
+            return  # RFC 9449: NQCHAR; anything else is not worth echoing back
+        with self._nonce_lock:
+            if len(self._dpop_nonces) > 1024:
+                self._dpop_nonces.clear()
+            self._dpop_nonces[origin] = nonce
 
     def get(self, url: str) -> Response:
         """GET a document (discovery metadata); any non-retryable status is returned."""
@@ -175,7 +226,9 @@ class TokenEndpointSender:
         except httpx.InvalidURL:
             raise UpstreamError("invalid authorization server URL") from None
 
-    def _with_retries(self, call: Callable[[], Response], host: str, grant: str) -> Response:
+    def _with_retries(self, call: Callable[[], Response], host: str, grant: str,
+                      max_attempts: int | None = None) -> Response:
+        limit = self._max_attempts if max_attempts is None else max(1, min(max_attempts, self._max_attempts))
         start = self._monotonic()
         attempt = 0
         while True:
@@ -198,7 +251,7 @@ class TokenEndpointSender:
                     return status, headers, body
                 outcome = str(status)
             delay = None
-            if attempt < self._max_attempts:
+            if attempt < limit:
                 remaining = self._retry_seconds - (self._monotonic() - start)
                 delay = retry_delay(error, attempt, remaining, rand=self._rand)
             if delay is None:

@@ -3,8 +3,10 @@
 Stand-alone on purpose (imports nothing else from ``broker``), so it plays
 the upstream identity provider exactly as a foreign server would. Speaks
 RFC 8693 token exchange, Entra On-Behalf-Of, authorization code + PKCE with
-rotating refresh tokens, RFC 7009 revocation, RFC 8414 metadata, and can be
-told to fail (faults) or be slow (latency).
+rotating refresh tokens, RFC 7009 revocation, RFC 8414 metadata,
+private_key_jwt client assertions (RFC 7523) and DPoP (RFC 9449, with a
+protected ``/test/resource``), and can be told to fail (faults) or be slow
+(latency).
 
     with run_sandbox() as sandbox:
         token = sandbox.provider.issue_subject_token("alice")

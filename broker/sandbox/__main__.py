@@ -7,7 +7,10 @@ the base URL as one line on stdout once it answers.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from .profiles import SANDBOX_PROFILES
 from .server import serve_forever
@@ -30,6 +33,19 @@ def _client_profile(text: str) -> tuple[str, str]:
     return client_id, profile
 
 
+def _client_jwk(text: str) -> tuple[str, dict[str, Any]]:
+    """``ID=FILE``: FILE holds a public JWK, or ``{"keys": [jwk]}`` as ``credbroker keygen --jwk`` prints it."""
+    client_id, _, path = text.partition("=")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise argparse.ArgumentTypeError("expected ID=FILE, FILE a readable JSON JWK or JWK set") from None
+    jwk = data["keys"][0] if isinstance(data, dict) and isinstance(data.get("keys"), list) and data["keys"] else data
+    if not client_id or not isinstance(jwk, dict) or "kty" not in jwk or "d" in jwk:
+        raise argparse.ArgumentTypeError("expected ID=FILE with a public JWK (no private part)")
+    return client_id, jwk
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m broker.sandbox", description="Sandbox OAuth authorization server.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -42,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="register a client (repeatable); replaces the default clients")
     parser.add_argument("--client-profile", type=_client_profile, action="append", metavar="ID=PROFILE",
                         help="serve a client as that provider does (github, slack, google...); repeatable")
+    parser.add_argument("--client-jwk", type=_client_jwk, action="append", metavar="ID=FILE",
+                        help="register a private_key_jwt client by its public JWK (file); repeatable")
+    parser.add_argument("--dpop-nonce", metavar="NONCE", help="DPoP proofs at /token must carry this nonce")
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -55,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         clock_skew=args.clock_skew,
         latency_ms={"token": args.latency_ms} if args.latency_ms > 0 else None,
         client_profiles=dict(args.client_profile) if args.client_profile else None,
+        client_jwks=dict(args.client_jwk) if args.client_jwk else None,
+        dpop_nonce=args.dpop_nonce,
     )
     try:
         serve_forever(provider, args.host, args.port, announce=lambda url: print(url, flush=True),

@@ -21,10 +21,12 @@ from starlette.routing import Route
 
 from .admin import admin_routes
 from .authorize import authorize
-from .clientauth import ClientCredentials, authenticate, extract_client
+from .clientauth import AssertionCheck, ClientCredentials, authenticate, extract_client
 from .errors import OAuthError
 from .faults import fault_response, hang
 from .grants import JWT_BEARER, TOKEN_EXCHANGE, handle_token_request
+from .jwt import JWTError
+from .pop import verify_client_assertion, verify_dpop_proof
 from .profiles import shape_error, shape_success
 from .revocation import introspect, revoke
 from .state import SandboxProvider
@@ -34,7 +36,7 @@ __all__ = ["create_app", "metadata"]
 Form = ImmutableMultiDict[str, Any]
 # RFC 6749 §5.1: token responses must not be cached.
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_AUTH_METHODS = ["client_secret_post", "client_secret_basic", "none"]
+_AUTH_METHODS = ["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
 
 
 def metadata(issuer: str) -> dict[str, Any]:
@@ -51,6 +53,8 @@ def metadata(issuer: str) -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": _AUTH_METHODS,
         "revocation_endpoint_auth_methods_supported": _AUTH_METHODS,
         "introspection_endpoint_auth_methods_supported": _AUTH_METHODS,
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "RS256"],
+        "dpop_signing_alg_values_supported": ["ES256", "RS256"],
     }
 
 
@@ -123,6 +127,81 @@ async def _front(provider: SandboxProvider, request: Request, endpoint: str) -> 
     return _Front(form, client, response)
 
 
+def _assertion_check(provider: SandboxProvider, endpoint_url: str) -> AssertionCheck:
+    """private_key_jwt for clients with a registered JWK; ``aud`` may name the
+    issuer, the token endpoint or the endpoint called (as servers accept)."""
+
+    def check(presented: ClientCredentials) -> str:
+        with provider.lock:
+            client_id = presented.client_id or ""
+            jwk = provider.client_jwks.get(client_id)
+            if jwk is None or presented.assertion is None:
+                raise OAuthError("invalid_client", "unknown client", status=401)
+            verify_client_assertion(
+                presented.assertion, client_id=client_id, jwk=jwk, now=provider.now(),
+                audiences={provider.issuer, f"{provider.issuer}/token", endpoint_url},
+                seen=provider.seen_assertion_jtis,
+            )
+            return client_id
+
+    return check
+
+
+def _nonce_headers(provider: SandboxProvider) -> dict[str, str]:
+    return {"DPoP-Nonce": provider.dpop_nonce} if provider.dpop_nonce else {}
+
+
+def _bound_token_key(provider: SandboxProvider, request: Request) -> str | None:
+    """The thumbprint of the request's verified DPoP proof, or None without one."""
+    proof = request.headers.get("dpop")
+    if proof is None:
+        return None
+    with provider.lock:
+        return verify_dpop_proof(proof, method=request.method, url=f"{provider.issuer}/token",
+                                 now=provider.now(), seen=provider.seen_proof_jtis, nonce=provider.dpop_nonce)
+
+
+def _resource_error(provider: SandboxProvider, error: str, description: str,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    provider.count_resource_call(False)
+    return JSONResponse({"error": error, "error_description": description}, status_code=401,
+                        headers={"WWW-Authenticate": f'DPoP error="{error}", algs="ES256 RS256"', **(headers or {})})
+
+
+def _resource(provider: SandboxProvider, request: Request) -> Response:
+    """A protected resource: a sandbox access token, and for a DPoP-bound one a
+    proof for this very request by the bound key (RFC 9449 section 7)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    with provider.lock:
+        try:
+            claims = provider.decode_token(provider.store.opaque.get(token, token))
+        except JWTError:
+            return _resource_error(provider, "invalid_token", "not a sandbox access token")
+        if (claims.get("token_use") != "access" or claims.get("exp", 0) <= provider.now()
+                or claims.get("jti") in provider.store.revoked_jtis):
+            return _resource_error(provider, "invalid_token", "token expired, revoked or not an access token")
+        jkt = (claims.get("cnf") or {}).get("jkt")
+        if jkt is None:
+            if scheme.lower() != "bearer":
+                return _resource_error(provider, "invalid_token", "a Bearer token goes with the Bearer scheme")
+        else:
+            if scheme.lower() != "dpop":
+                return _resource_error(provider, "invalid_token", "a DPoP-bound token needs the DPoP scheme")
+            proof = request.headers.get("dpop")
+            if proof is None:
+                return _resource_error(provider, "invalid_dpop_proof", "missing DPoP proof")
+            try:
+                thumbprint = verify_dpop_proof(proof, method=request.method, url=str(request.url),
+                                               now=provider.now(), seen=provider.seen_proof_jtis,
+                                               access_token=token, status=401, nonce=provider.resource_dpop_nonce)
+            except OAuthError as err:
+                return _resource_error(provider, err.error, err.description or "", err.headers)
+            if thumbprint != jkt:
+                return _resource_error(provider, "invalid_dpop_proof", "proof key is not the token's key")
+    provider.count_resource_call(True)
+    return JSONResponse({"sub": claims.get("sub"), "scope": claims.get("scope"), "jkt": jkt})
+
+
 def create_app(provider: SandboxProvider) -> Starlette:
     """The sandbox's ASGI app, serving ``provider``."""
 
@@ -137,8 +216,11 @@ def create_app(provider: SandboxProvider) -> Starlette:
         client_id = front.client.client_id if isinstance(front.client, ClientCredentials) else None
         behaviour = provider.behaviour(client_id or front.form.get("client_id"))
         try:
-            body = handle_token_request(provider, front.presented(), front.form)
+            jkt = _bound_token_key(provider, request)
+            body = handle_token_request(provider, front.presented(), front.form, jkt=jkt,
+                                        check_assertion=_assertion_check(provider, f"{provider.issuer}/token"))
         except OAuthError as err:
+            err.headers = {**_nonce_headers(provider), **err.headers}
             shaped = shape_error(behaviour, err, _NO_STORE)
             if shaped is not None:
                 provider.count_error(err.error)
@@ -146,7 +228,8 @@ def create_app(provider: SandboxProvider) -> Starlette:
             return _oauth_error(provider, err)
         if behaviour.opaque_access_tokens:
             body["access_token"] = provider.opaque_for(body["access_token"])
-        return JSONResponse(shape_success(behaviour, body, str(front.form.get("grant_type"))), headers=_NO_STORE)
+        return JSONResponse(shape_success(behaviour, body, str(front.form.get("grant_type"))),
+                            headers={**_NO_STORE, **_nonce_headers(provider)})
 
     async def authorize_endpoint(request: Request) -> Response:
         front = await _front(provider, request, "authorize")
@@ -160,7 +243,8 @@ def create_app(provider: SandboxProvider) -> Starlette:
         if front.response is not None:
             return front.response
         try:
-            client_id = authenticate(front.presented(), provider.clients, allow_public=True)
+            client_id = authenticate(front.presented(), provider.clients, allow_public=True,
+                                     check_assertion=_assertion_check(provider, f"{provider.issuer}/revoke"))
             token_value = front.form.get("token")
             if not token_value:
                 raise OAuthError("invalid_request", "missing token")
@@ -174,7 +258,8 @@ def create_app(provider: SandboxProvider) -> Starlette:
         if front.response is not None:
             return front.response
         try:
-            authenticate(front.presented(), provider.clients, allow_public=True)
+            authenticate(front.presented(), provider.clients, allow_public=True,
+                         check_assertion=_assertion_check(provider, f"{provider.issuer}/introspect"))
             token_value = front.form.get("token")
             if not token_value:
                 raise OAuthError("invalid_request", "missing token")
@@ -200,6 +285,13 @@ def create_app(provider: SandboxProvider) -> Starlette:
         token_value = provider.issue_subject_token(user_id, ttl)
         return JSONResponse({"access_token": token_value, "token_type": "Bearer", "expires_in": ttl})
 
+    async def resource(request: Request) -> Response:
+        provider.record_request({
+            "endpoint": "resource", "method": request.method, "path": request.url.path, "form": {},
+            "client_auth": "none", "client_id": None, "grant_type": None, "fault": None, "at": time.time(),
+        })
+        return _resource(provider, request)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Lets a stopping server end hanging requests instead of waiting them out.
@@ -215,6 +307,7 @@ def create_app(provider: SandboxProvider) -> Starlette:
         Route("/revoke", revoke_endpoint, methods=["POST"]),
         Route("/introspect", introspect_endpoint, methods=["POST"]),
         Route("/test/subject-token", subject_token, methods=["POST"]),
+        Route("/test/resource", resource, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         *admin_routes(provider),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -65,7 +65,7 @@ def authorize(provider: SandboxProvider, params: Mapping[str, str], resources: l
     client_id = params.get("client_id", "")
     redirect_uri = params.get("redirect_uri", "")
     # Without a known client and a usable redirect URI there is nowhere safe to redirect.
-    if client_id not in provider.clients:
+    if client_id not in provider.clients and client_id not in provider.client_jwks:
         provider.count_error("invalid_client")
         return _error_page("unknown client_id")
     if urlsplit(redirect_uri).scheme not in ("http", "https") or not urlsplit(redirect_uri).netloc:

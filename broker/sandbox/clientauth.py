@@ -1,9 +1,10 @@
 """Client authentication at the token, revocation and introspection endpoints.
 
-Three methods, as a broker may use any of them: ``client_secret_post``,
+Four methods, as a broker may use any of them: ``client_secret_post``,
 ``client_secret_basic`` (RFC 6749 §2.3.1: id and secret are
-form-urlencoded *before* Base64, so reserved characters survive) and
-``none`` for public clients.
+form-urlencoded *before* Base64, so reserved characters survive),
+``private_key_jwt`` (RFC 7523: checked by ``pop``, through the
+``check_assertion`` the app passes in) and ``none`` for public clients.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from .errors import OAuthError
 
-__all__ = ["ClientCredentials", "extract_client", "authenticate"]
+__all__ = ["ClientCredentials", "AssertionCheck", "extract_client", "authenticate"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,23 @@ class ClientCredentials:
 
     client_id: str | None
     client_secret: str | None
-    method: str  # client_secret_post | client_secret_basic | none
+    method: str  # client_secret_post | client_secret_basic | private_key_jwt | none
+    assertion: str | None = None
+
+
+# Verifies a private_key_jwt assertion; returns the client id or raises invalid_client.
+AssertionCheck = Callable[[ClientCredentials], str]
+_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def _assertion_issuer(assertion: str) -> str | None:
+    try:
+        payload = assertion.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return iss if isinstance(iss, str) else None
 
 
 def _parse_basic(header: str) -> tuple[str, str]:
@@ -50,6 +68,14 @@ def extract_client(headers: Mapping[str, str], form: Mapping[str, str]) -> Clien
     method a broker used even when authentication then fails.
     """
     authorization = headers.get("authorization")
+    if form.get("client_assertion") or form.get("client_assertion_type"):
+        if authorization or form.get("client_secret"):
+            raise OAuthError("invalid_request", "more than one client authentication method")
+        if form.get("client_assertion_type") != _ASSERTION_TYPE or not form.get("client_assertion"):
+            raise OAuthError("invalid_client", "unsupported client assertion", status=401)
+        assertion = str(form["client_assertion"])
+        client_id = form.get("client_id") or _assertion_issuer(assertion)
+        return ClientCredentials(client_id, None, "private_key_jwt", assertion)
     if authorization:
         client_id, secret = _parse_basic(authorization)
         if form.get("client_secret"):
@@ -67,8 +93,13 @@ def authenticate(
     clients: Mapping[str, str | None],
     *,
     allow_public: bool,
+    check_assertion: AssertionCheck | None = None,
 ) -> str:
     """Return the authenticated client id or raise ``invalid_client`` (401)."""
+    if presented.method == "private_key_jwt":
+        if check_assertion is None:
+            raise OAuthError("invalid_client", "private_key_jwt is not accepted here", status=401)
+        return check_assertion(presented)
     challenge = {"WWW-Authenticate": 'Basic realm="sandbox"'} if presented.method == "client_secret_basic" else None
     if presented.client_id is None or presented.client_id not in clients:
         raise OAuthError("invalid_client", "unknown client", status=401, headers=challenge)

@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 __all__ = ["ENDPOINTS", "FAULT_MODES", "HUGE_BODY_BYTES", "Fault", "fault_response", "hang"]
 
 ENDPOINTS = frozenset({"token", "revoke", "authorize", "metadata", "introspect"})
-FAULT_MODES = frozenset({"5xx", "429", "hang", "malformed", "no_access_token", "huge", "echo_secret"})
+FAULT_MODES = frozenset({"5xx", "503", "429", "hang", "malformed", "no_access_token", "huge", "echo_secret",
+                         "invalid_grant"})
 # Larger than any sane token response, so a broker without a size cap shows it.
 HUGE_BODY_BYTES = 2 * 1024 * 1024
 # Fields a broker sends that a careless error path might echo back.
@@ -65,6 +66,15 @@ def fault_response(fault: Fault, form: Mapping[str, str], client_secret: str | N
         return JSONResponse(
             {"error": "temporarily_unavailable", "error_description": "sandbox fault: 503"}, status_code=503
         )
+    if fault.mode == "503":  # an outage that says when to come back
+        return JSONResponse(
+            {"error": "temporarily_unavailable", "error_description": "sandbox fault: 503"},
+            status_code=503,
+            headers={"Retry-After": str(fault.retry_after)},
+        )
+    if fault.mode == "invalid_grant":  # a revoked or expired grant
+        return JSONResponse({"error": "invalid_grant", "error_description": "sandbox fault: grant revoked"},
+                            status_code=400)
     if fault.mode == "429":
         return JSONResponse(
             {"error": "slow_down", "error_description": "sandbox fault: 429"},

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.datastructures import ImmutableMultiDict
 
-from .clientauth import ClientCredentials, authenticate
+from .clientauth import AssertionCheck, ClientCredentials, authenticate
 from .errors import OAuthError
 from .jwt import JWTError
 from .state import SandboxProvider
@@ -152,7 +152,9 @@ def _authorization_code(provider: SandboxProvider, client_id: str, form: Form) -
     provider.count_grant("authorization_code", record.user)
     body = _bearer(provider, token, record.scope, client_id)
     if record.offline:  # a profile may withhold it (no offline_access, no access_type=offline)
-        body["refresh_token"] = store.new_refresh(family).token
+        refresh = store.new_refresh(family)
+        refresh.active_at = provider.clock()
+        body["refresh_token"] = refresh.token
     return body
 
 
@@ -167,6 +169,9 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         raise OAuthError("invalid_grant", "refresh token was issued to another client")
     if family.revoked:
         raise OAuthError("invalid_grant", "refresh token revoked")
+    idle = provider.refresh_idle_seconds
+    if idle and not record.used and provider.clock() - record.active_at > idle:
+        raise OAuthError("invalid_grant", "refresh token expired from disuse")
     behaviour = provider.behaviour(client_id)
     rotation = provider.rotate_refresh_tokens if behaviour.rotate is None else behaviour.rotate
     grace = provider.refresh_reuse_grace if behaviour.reuse_grace is None else behaviour.reuse_grace
@@ -195,8 +200,12 @@ def _refresh_token(provider: SandboxProvider, client_id: str, form: Form) -> dic
         if not record.used:
             record.used = True
             record.used_at = provider.clock()
-        body["refresh_token"] = store.new_refresh(family).token
+        rotated = store.new_refresh(family)
+        rotated.active_at = provider.clock()
+        body["refresh_token"] = rotated.token
         provider.count_rotation()
+    else:
+        record.active_at = provider.clock()
     provider.count_grant("refresh_token", family.sub)
     return body
 
@@ -218,8 +227,26 @@ _GRANTS: dict[str, Grant] = {
 }
 
 
-def handle_token_request(provider: SandboxProvider, presented: ClientCredentials, form: Form) -> dict[str, Any]:
-    """Authenticate the client, run the grant, return the success body or raise OAuthError."""
+def _check_family_key(provider: SandboxProvider, form: Form, jkt: str | None) -> None:
+    """A refresh token bound to a DPoP key is only good with a proof by that key."""
+    record = provider.store.refresh.get(str(form.get("refresh_token") or ""))
+    if record is None:
+        return
+    bound = provider.store.families[record.family_id].jkt
+    if bound is not None and bound != jkt:
+        raise OAuthError("invalid_dpop_proof" if jkt else "invalid_grant",
+                         "refresh token is bound to another DPoP key")
+
+
+def handle_token_request(
+    provider: SandboxProvider, presented: ClientCredentials, form: Form, *,
+    check_assertion: AssertionCheck | None = None, jkt: str | None = None,
+) -> dict[str, Any]:
+    """Authenticate the client, run the grant, return the success body or raise OAuthError.
+
+    ``jkt``: the thumbprint of a verified DPoP proof's key; the tokens issued
+    are then bound to it.
+    """
     grant_type = form.get("grant_type")
     if not grant_type:
         raise OAuthError("invalid_request", "missing grant_type")
@@ -227,8 +254,12 @@ def handle_token_request(provider: SandboxProvider, presented: ClientCredentials
         if grant_type == "password" and presented.client_id is None:
             client_id = ""  # the password grant is a test aid: a client is optional
         else:
-            client_id = authenticate(presented, provider.clients, allow_public=grant_type in _PUBLIC_GRANTS)
+            client_id = authenticate(presented, provider.clients, allow_public=grant_type in _PUBLIC_GRANTS,
+                                     check_assertion=check_assertion)
         grant = _GRANTS.get(str(grant_type))
         if grant is None:
             raise OAuthError("unsupported_grant_type", "grant type not supported")
-        return grant(provider, client_id, form)
+        if grant_type == "refresh_token":
+            _check_family_key(provider, form, jkt)
+        body = grant(provider, client_id, form)
+        return provider.bind_to_dpop_key(body, jkt) if jkt is not None else body

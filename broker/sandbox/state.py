@@ -27,7 +27,8 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
 }
 GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
-                 "client_profiles", "grantable_scopes", "revoke_family")
+                 "client_profiles", "grantable_scopes", "revoke_family", "client_jwks", "dpop_nonce",
+                 "resource_dpop_nonce", "refresh_idle_seconds")
 # Fallback ``iss`` until the provider is served and knows its own URL.
 _UNSERVED_ISSUER = "urn:sandbox:unserved"
 
@@ -45,7 +46,11 @@ class SandboxProvider:
         refresh_reuse_grace: float = 0.0,
         client_profiles: dict[str, str] | None = None,
         grantable_scopes: list[str] | None = None,
+        refresh_idle_seconds: float = 0.0,
         revoke_family: bool = True,
+        client_jwks: dict[str, dict[str, str]] | None = None,
+        dpop_nonce: str | None = None,
+        resource_dpop_nonce: str | None = None,
         issuer: str = "",
         latency_ms: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -65,7 +70,15 @@ class SandboxProvider:
             "client_profiles": {k: check_profile_name(v) for k, v in (client_profiles or {}).items()},
             # None: consent grants every requested scope; else only these (a narrowed grant).
             "grantable_scopes": None if grantable_scopes is None else list(grantable_scopes),
+            # Refresh tokens unused this long die of disuse (Google, Atlassian); 0: never.
+            "refresh_idle_seconds": refresh_idle_seconds,
             "revoke_family": revoke_family,
+            # client_id -> registered public JWK: those clients authenticate with private_key_jwt.
+            "client_jwks": {str(k): dict(v) for k, v in (client_jwks or {}).items()},
+            # Set: DPoP proofs at the token endpoint must carry this nonce (RFC 9449 section 8).
+            "dpop_nonce": dpop_nonce,
+            # Set: proofs at /test/resource must carry this nonce (RFC 9449 section 9).
+            "resource_dpop_nonce": resource_dpop_nonce,
         }
         self._initial_latency = dict(latency_ms or {})
         for endpoint in self._initial_latency:
@@ -78,9 +91,13 @@ class SandboxProvider:
         self.refresh_reuse_grace = refresh_reuse_grace
         self.client_profiles: dict[str, str] = {}
         self.grantable_scopes: list[str] | None = None
+        self.refresh_idle_seconds = refresh_idle_seconds
         # False: revoking a refresh token kills only that token, as some
         # providers do (RFC 7009 leaves it open), not its whole family.
         self.revoke_family = revoke_family
+        self.client_jwks: dict[str, dict[str, str]] = {}
+        self.dpop_nonce: str | None = None
+        self.resource_dpop_nonce: str | None = None
         self.reset()
 
     # -- configuration -----------------------------------------------------
@@ -99,10 +116,16 @@ class SandboxProvider:
                     value = {str(k): check_profile_name(str(v)) for k, v in dict(value).items()}
                 elif name == "grantable_scopes":
                     value = None if value is None else [str(v) for v in value]
+                elif name == "client_jwks":
+                    value = {str(k): dict(v) for k, v in dict(value).items()}
+                elif name in ("dpop_nonce", "resource_dpop_nonce"):
+                    value = None if value is None else str(value)
                 elif name == "refresh_reuse_grace":
                     value = float(value)
                 elif name in ("rotate_refresh_tokens", "revoke_family"):
                     value = bool(value)
+                elif name == "refresh_idle_seconds":
+                    value = float(value)
                 else:
                     value = int(value)
                 setattr(self, name, value)
@@ -131,6 +154,11 @@ class SandboxProvider:
             self._presented_twice_by_user: dict[str, int] = {}
             self._arrivals: dict[str, int] = {}  # requests that reached the front door, per endpoint
             self._faults_served = 0
+            # jti -> until when it is remembered: one-time client assertions and DPoP proofs.
+            self.seen_assertion_jtis: dict[str, float] = {}
+            self.seen_proof_jtis: dict[str, float] = {}
+            self._dpop_bound = 0
+            self._resource_calls = {"ok": 0, "rejected": 0}
 
     # -- tokens ------------------------------------------------------------
 
@@ -230,6 +258,27 @@ class SandboxProvider:
         with self.lock:
             self._grace_reuses += 1
 
+    def count_dpop_bound(self) -> None:
+        with self.lock:
+            self._dpop_bound += 1
+
+    def count_resource_call(self, ok: bool) -> None:
+        with self.lock:
+            self._resource_calls["ok" if ok else "rejected"] += 1
+
+    def bind_to_dpop_key(self, body: dict[str, Any], jkt: str) -> dict[str, Any]:
+        """Re-sign the issued access token with ``cnf.jkt`` (RFC 9449 section 6) and
+        bind the refresh token family to the same key."""
+        with self.lock:
+            token = self.store.opaque.get(body["access_token"], body["access_token"])
+            claims = jwt.decode(token, self._key)
+            claims["cnf"] = {"jkt": jkt}
+            refresh = body.get("refresh_token")
+            if refresh and refresh in self.store.refresh:
+                self.store.families[self.store.refresh[refresh].family_id].jkt = jkt
+            self._dpop_bound += 1
+            return {**body, "access_token": jwt.encode(claims, self._key), "token_type": "DPoP"}
+
     def count_arrival(self, endpoint: str) -> None:
         with self.lock:
             self._arrivals[endpoint] = self._arrivals.get(endpoint, 0) + 1
@@ -262,6 +311,8 @@ class SandboxProvider:
                 "arrivals": dict(self._arrivals),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
+                "dpop_bound_tokens": self._dpop_bound,
+                "resource_calls": dict(self._resource_calls),
             }
 
     # -- request log -------------------------------------------------------

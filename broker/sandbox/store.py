@@ -47,6 +47,7 @@ class Family:
     revoked: bool = False
     refresh_tokens: list[str] = field(default_factory=list)
     access_jtis: set[str] = field(default_factory=set)
+    jkt: str | None = None  # DPoP: the key its refresh tokens are bound to
 
 
 @dataclass
@@ -57,6 +58,8 @@ class RefreshRecord:
     family_id: str
     used: bool = False
     used_at: float = 0.0
+    # Issued or last redeemed (provider clock): idle expiry counts from here.
+    active_at: float = 0.0
 
 
 @dataclass

@@ -35,6 +35,7 @@ from broker.settings import Settings, load_settings
 from broker.store import CredentialStore
 from tests.cluster import Cluster, redis_available, wait_for
 from tests.conftest import missing_service
+from tests.integration.connect_browser import ConnectBrowser, form_of
 from tests.secrets import assert_no_leak, register
 from workers.api import create_app
 from workers.auditstream import persist_audit_batch
@@ -325,7 +326,7 @@ def test_resolve_errors(env: Env) -> None:
     assert never.status_code == 409
     body = never.json()
     assert body["error"] == "not_connected" and body["reason"] == "never_connected"
-    assert body["connect_url"].startswith(env.sandbox.url + "/authorize?")
+    assert body["connect_url"].startswith(env.url + "/v1/connect/open?state=")  # browser mode: the broker link
 
     env.sign_in("blocked-bob")
     denied = env.api.resolve("blocked-bob", "tx")
@@ -384,20 +385,37 @@ def test_connect_flow_through_the_api(env: Env, secret_guard: Any) -> None:
     assert started.status_code == 200
     assert set(started.json()) == {"connect_url", "expires_at"}
     assert datetime.fromisoformat(started.json()["expires_at"]) > datetime.now(UTC)
-    consent = _browser(started.json()["connect_url"] + "&consent=approve&user=carol")
-    assert consent.status_code == 302
-    location = consent.headers["location"]
-    assert location.startswith(env.url + "/v1/connect/callback?")
-    query = parse_qs(urlsplit(location).query)
-    code, state = query["code"][0], query["state"][0]
+    connect_url = started.json()["connect_url"]
+    assert connect_url.startswith(env.url + "/v1/connect/open?state=")
+    with ConnectBrowser() as browser:
+        opened = browser.get(connect_url)
+        assert opened.status_code == 302 and opened.headers["location"].startswith(env.sandbox.url + "/authorize?")
+        set_cookie = opened.headers["set-cookie"].lower()
+        assert "httponly" in set_cookie and "samesite=lax" in set_cookie and "path=/v1/connect" in set_cookie
+        location = browser.authorize(opened.headers["location"], user="carol")
+        assert location.startswith(env.url + "/v1/connect/callback?")
+        query = parse_qs(urlsplit(location).query)
+        code, state = query["code"][0], query["state"][0]
 
-    page = _browser(location)
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "Connected" in page.text and "<strong>gh</strong>" in page.text
-    assert "location" not in page.headers and page.headers["referrer-policy"] == "no-referrer"
-    assert code not in page.text and state not in page.text
-    assert page.headers["x-request-id"]
-    replay = _browser(location)
+        page = browser.get(location)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "Confirm" in page.text and "<strong>gh</strong>" in page.text and "<code>c***l</code>" in page.text
+        assert code not in page.text and form_of(page) == (env.url + "/v1/connect/confirm", state)
+        assert env.api.listing("carol")["gh"]["status"] == "not_connected"  # nothing before the click
+        assert _browser(location).status_code == 400  # the same callback from a browser without the cookie...
+        done = browser.confirm(page)  # ...burned the link: a callback from elsewhere is refused
+    assert done.status_code == 400 and "browser_mismatch" in done.text
+    with ConnectBrowser() as browser:
+        started = env.api("POST", "/v1/connect", json={"user_id": "carol", "server": "gh"})
+        page = browser.consent(started.json()["connect_url"], user="carol")
+        location = page.url
+        code, state = parse_qs(location.query.decode())["code"][0], parse_qs(location.query.decode())["state"][0]
+        done = browser.confirm(page)
+    assert done.status_code == 200 and "Connected" in done.text and "<code>c***l</code>" in done.text
+    assert "location" not in done.headers and done.headers["referrer-policy"] == "no-referrer"
+    assert code not in done.text and state not in done.text
+    assert done.headers["x-request-id"]
+    replay = _browser(str(location))
     assert replay.status_code == 400 and "invalid_state" in replay.text and code not in replay.text
     ours = [line for line in secret_guard.lines if not line.startswith(("httpx ", "httpcore."))]
     assert not [line for line in ours if code in line or state in line]
@@ -419,7 +437,7 @@ def test_connect_flow_through_the_api(env: Env, secret_guard: Any) -> None:
     gone = env.api.resolve("carol", "gh")  # the cached copy went with it
     assert gone.status_code == 409 and gone.json()["error"] == "not_connected"
     metrics = env.api("GET", "/metrics").text
-    assert 'credbroker_connect_callbacks_total{outcome="ok"}' in metrics
+    assert 'credbroker_connect_steps_total{outcome="ok",step="confirm"}' in metrics
     assert 'credbroker_connect_callbacks_total{outcome="invalid_state"}' in metrics
     assert re.search(r'credbroker_provider_calls_total\{grant="authorization_code",result="success"\} [1-9]', metrics)  # cluster-wide
 
@@ -434,9 +452,10 @@ def _callback_failures(env: Env, browser: Api) -> None:
     assert missing.status_code == 400 and "invalid_state" in missing.text
     assert missing.headers["content-type"].startswith("text/html") and "location" not in missing.headers
     started = env.api("POST", "/v1/connect", json={"user_id": "frank", "server": "gh"}).json()
-    declined = _browser(started["connect_url"] + "&consent=deny&user=frank")
-    assert declined.status_code == 302 and "error=access_denied" in declined.headers["location"]
-    page = browser("GET", declined.headers["location"].replace(env.url, ""))
+    with ConnectBrowser() as user_browser:
+        location = user_browser.authorize(user_browser.open(started["connect_url"]), consent="deny", user="frank")
+        assert "error=access_denied" in location
+        page = user_browser.get(location)
     assert page.status_code == 400 and "access_denied" in page.text and "declined" in page.text
     assert env.api.listing("frank")["gh"]["status"] == "not_connected"
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT = 150  # the smoke run takes ~35 s on 2 cores; leave room for a loaded CI machine
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+ROWS = ("1", "1b", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 60)
@@ -41,7 +41,7 @@ def test_bench_smoke_prints_every_row() -> None:
             out, err = proc.communicate()
         pytest.fail(f"python -m bench --smoke did not finish in {SMOKE_TIMEOUT} s:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-5000:]
-    table = [line for line in out.splitlines() if re.match(r"^\| \d \|", line)]
+    table = [line for line in out.splitlines() if re.match(r"^\| \d[a-z]? \|", line)]
     sections = {line.split("|")[1].strip() for line in table}
     assert sections == set(ROWS), (sections, out[-3000:])
     assert not any("not run" in line for line in table), out
@@ -49,6 +49,6 @@ def test_bench_smoke_prints_every_row() -> None:
     assert "MISSED" not in out and "| met |" not in out
     for text in ("## Machine", "CPU", "Python", "Redis", "PostgreSQL"):
         assert text in out
-    for measure in ("fast-path resolve", "HTTP resolve", "miss path", "burst", "due scan", "proactive refresh",
+    for measure in ("fast-path resolve", "DPoP proof", "HTTP resolve", "miss path", "burst", "due scan", "proactive refresh",
                     "peak RSS"):
         assert measure in out, measure

@@ -61,10 +61,14 @@ def connect_all(c: Cluster, users: list[str]) -> None:
     try:
         with httpx.Client() as http:
             for user in users:
-                url = rt.connect.start(user, "gh").connect_url  # type: ignore[union-attr]
-                answer = http.get(url + "&consent=approve&user=" + user, follow_redirects=False)
+                # Browser mode: open the link (binds the browser), consent, callback, the confirming click.
+                flow = rt.connect
+                assert flow is not None
+                opened = flow.open(parse_qs(urlsplit(flow.start(user, "gh").connect_url).query)["state"][0])
+                answer = http.get(opened.authorize_url + "&consent=approve&user=" + user, follow_redirects=False)
                 q = parse_qs(urlsplit(answer.headers["location"]).query)
-                rt.connect.callback(q["state"][0], q["code"][0])  # type: ignore[union-attr]
+                flow.callback(q["state"][0], q["code"][0], cookie=opened.cookie_value)
+                flow.confirm(q["state"][0], opened.cookie_value)
     finally:
         rt.close()
 

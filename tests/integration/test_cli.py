@@ -34,6 +34,7 @@ from broker.settings import PREFIX
 from broker.store import CredentialStore
 from tests.cluster import Cluster, wait_for
 from tests.conftest import key_line
+from tests.integration.connect_browser import ConnectBrowser
 from tests.secrets import assert_no_leak, canary, register
 
 pytestmark = pytest.mark.integration
@@ -198,7 +199,7 @@ def test_no_command_prints_a_stored_secret(cluster: Cluster, sandbox: Any, tmp_p
     assert re.search(r"obo\s+entra_obo\s+not_connected", listing)
     rows = json.loads(run("credentials", "list", user, "--json"))
     assert {r["server"]: r["status"] for r in rows} == {"tx": "connected", "obo": "not_connected", "gh": "connected"}
-    assert run("credentials", "connect", user, "gh").startswith(sandbox.url + "/authorize?")
+    assert run("credentials", "connect", user, "gh").startswith(cluster.settings.public_url + "/v1/connect/open?state=")
     log = SqlAuditLog(store.engine)
     wait_for(lambda: log.query(user_id=user), 20, what="audit events in SQL")
     assert "inject" in run("audit", "--user", user) or "acquire" in run("audit", "--user", user)
@@ -219,6 +220,11 @@ def test_no_command_prints_a_stored_secret(cluster: Cluster, sandbox: Any, tmp_p
     # The scan is real: asked to, resolve does print the secret.
     shown = json.loads(credbroker("resolve", user, "tx", "--json", "--show-secret", env=env, cwd=tmp_path).stdout)
     assert shown["value"] == f"Bearer {tokens['tx']}"
+    # Erasure: the tx credential was left; it goes, with the subject token.
+    erased = credbroker("users", "rm", user, "--json", env=env, cwd=tmp_path)
+    assert json.loads(erased.stdout) == {"user_id": user, "erased": True, "credentials_removed": 1}
+    assert store.list(user) == [] and store.get_subject_token(user) is None
+    assert "subject_token_missing" in run("resolve", user, "tx", code=1)
 
 
 # -- audit --follow ---------------------------------------------------------------------------------------------
@@ -486,8 +492,10 @@ def test_up_demo_resolves_and_connects(up_factory: Any) -> None:
         answer = api.post("/v1/resolve", json={"user_id": "demo-user", "server": "demo-connect"})
         assert answer.status_code == 409, answer.text
         assert answer.json()["error"] == "not_connected"
-        page = httpx.get(answer.json()["connect_url"] + "&consent=approve", follow_redirects=True, timeout=30)
-        assert page.status_code == 200 and page.url.path == "/v1/connect/callback"
+        with ConnectBrowser() as browser:
+            page = browser.consent(answer.json()["connect_url"], user="demo-user")
+            assert page.status_code == 200 and page.url.path == "/v1/connect/callback"
+            assert browser.confirm(page).status_code == 200
 
         answer = api.post("/v1/resolve", json={"user_id": "demo-user", "server": "demo-connect"})
         assert answer.status_code == 200, answer.text

@@ -51,23 +51,26 @@ def connect(cluster: Cluster, user: str, server: str = "gh") -> None:
     rt = build_runtime(cluster.settings)
     try:
         url = rt.connect.start(user, server).connect_url  # type: ignore[union-attr]
-        answer = httpx.get(url + "&consent=approve&user=" + user, follow_redirects=False)
-        assert answer.status_code in (302, 303)
-        q = parse_qs(urlsplit(answer.headers["location"]).query)
-        rt.connect.callback(q["state"][0], q["code"][0])  # type: ignore[union-attr]
     finally:
         rt.close()
+    _complete(cluster, url, user)
 
 
 def _complete(cluster: Cluster, url: str, user: str) -> None:
-    """Follow a connect URL with consent and hand the callback to the broker."""
+    """Browser mode, the steps of the broker's routes: open the link (the cookie),
+    consent, the callback with the cookie, the confirming click."""
     from workers.runtime import build_runtime
 
-    answer = httpx.get(url + "&consent=approve&user=" + user, follow_redirects=False)
-    q = parse_qs(urlsplit(answer.headers["location"]).query)
     rt = build_runtime(cluster.settings)
     try:
-        rt.connect.callback(q["state"][0], q["code"][0])  # type: ignore[union-attr]
+        flow = rt.connect
+        assert flow is not None
+        opened = flow.open(parse_qs(urlsplit(url).query)["state"][0])
+        answer = httpx.get(opened.authorize_url + "&consent=approve&user=" + user, follow_redirects=False)
+        assert answer.status_code in (302, 303)
+        q = parse_qs(urlsplit(answer.headers["location"]).query)
+        flow.callback(q["state"][0], q["code"][0], cookie=opened.cookie_value)
+        flow.confirm(q["state"][0], opened.cookie_value)
     finally:
         rt.close()
 
@@ -93,7 +96,8 @@ def test_every_mode_end_to_end_and_isolation(cluster: Cluster, sandbox: Any) -> 
         with pytest.raises(NotConnected) as info:
             client.resolve("alice", "gh", timeout=20)
         assert info.value.reason == "never_connected"
-        assert info.value.connect_url and info.value.connect_url.startswith(sandbox.url + "/authorize?")
+        assert info.value.connect_url and info.value.connect_url.startswith(
+            cluster.settings.public_url + "/v1/connect/open?state=")
         # the live state in the connect URL is a secret: it crossed Redis sealed
         state = parse_qs(urlsplit(info.value.connect_url).query)["state"][0]
         register(state)

@@ -1,8 +1,11 @@
 """The connect flow end to end: Redis state, the sandbox's consent page, a real store.
 
 start -> the user's browser at the provider's /authorize -> the 302 back to
-our callback -> code redeemed with the bound PKCE verifier -> stored for the
-user who started the flow, and nobody else. Then disconnect revokes upstream.
+the callback -> code redeemed with the bound PKCE verifier -> stored for the
+user who started the flow, and nobody else. Gateway mode (``flow``): the
+gateway completes for the user it authenticated; browser mode
+(``browser_flow``): the link binds one browser and the user confirms. Then
+disconnect revokes upstream.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from sqlalchemy import Engine
 
 from broker.audit import Action, MemoryAuditSink, Outcome
 from broker.clock import FakeClock
-from broker.connect import ConnectError, ConnectFlow, ConnectResult
+from broker.connect import ConfirmPrompt, ConnectError, ConnectFlow, ConnectResult
 from broker.crypto import Sealer
-from broker.errors import InvalidRequest, NotConnected, UpstreamError
+from broker.errors import BrokerError, ConnectUserMismatch, InvalidRequest, InvalidState, NotConnected, UpstreamError
 from broker.models import CredentialStatus, ObtainedVia
 from broker.oauth import (
     MetadataCache,
@@ -89,16 +92,26 @@ def audit() -> MemoryAuditSink:
 
 def make_flow(sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
               redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock,
-              servers: ServerRegistry | None = None) -> ConnectFlow:
+              servers: ServerRegistry | None = None, open_url: str | None = None) -> ConnectFlow:
     states = RedisStateStore(redis_client, Sealer(os.urandom(32)))
     return ConnectFlow(servers or registry(sandbox.url, client_secret), store, oauth, states, audit, clock,
-                       CALLBACK_URL, ttl_seconds=600)
+                       CALLBACK_URL, ttl_seconds=600, open_url=open_url)
+
+
+OPEN_URL = "http://127.0.0.1:18080/v1/connect/open"
 
 
 @pytest.fixture
 def flow(sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
          redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock) -> ConnectFlow:
     return make_flow(sandbox, client_secret, store, oauth, redis_client, audit, clock)
+
+
+@pytest.fixture
+def browser_flow(sandbox: SandboxHandle, client_secret: str, store: CredentialStore, oauth: OAuthClient,
+                 redis_client: redis.Redis, audit: MemoryAuditSink, clock: FakeClock) -> ConnectFlow:
+    """Browser mode: the broker hosts the callback."""
+    return make_flow(sandbox, client_secret, store, oauth, redis_client, audit, clock, open_url=OPEN_URL)
 
 
 def browser(connect_url: str, consent: str = "approve", user: str = "sandbox-user") -> dict[str, str]:
@@ -126,7 +139,15 @@ def browser(connect_url: str, consent: str = "approve", user: str = "sandbox-use
 
 def connect(flow: ConnectFlow, user: str, server: str = "gh") -> ConnectResult:
     query = browser(flow.start(user, server).connect_url, user=f"{user}-upstream")
-    return flow.callback(query["state"], code=query.get("code"), error=query.get("error"))
+    return flow.complete(query["state"], query.get("code"), user)
+
+
+def open_link(flow: ConnectFlow, connect_url: str) -> tuple[str, str, str]:
+    """Browser mode: the user's browser opens the broker link: (state, cookie, authorize URL)."""
+    assert connect_url.startswith(OPEN_URL + "?")
+    state = parse_qs(urlsplit(connect_url).query)["state"][0]
+    opened = flow.open(state)
+    return state, opened.cookie_value, opened.authorize_url
 
 
 def token_grants(sandbox: SandboxHandle, grant: str = "authorization_code") -> list[dict[str, Any]]:
@@ -161,7 +182,7 @@ def test_connect_end_to_end_stores_for_that_user_only(sandbox: SandboxHandle, cl
 
     query = browser(start.connect_url, user="alice-upstream")
     assert query["state"] == params["state"]
-    result = flow.callback(query["state"], code=query["code"])
+    result = flow.complete(query["state"], query["code"], "alice")
 
     assert result == ConnectResult("alice", "gh")
     (redeem,) = token_grants(sandbox)
@@ -177,9 +198,8 @@ def test_connect_end_to_end_stores_for_that_user_only(sandbox: SandboxHandle, cl
     assert [s.server_key for s in store.list("alice")] == [server.key]
     assert store.get("bob", server.key) is None and store.list("bob") == []
     assert [(e.action, e.outcome, e.user_id) for e in audit.events] == [(Action.CONNECT, Outcome.SUCCESS, "alice")]
-    with pytest.raises(ConnectError) as replay:  # the state was single use
-        flow.callback(query["state"], code=query["code"])
-    assert replay.value.reason == "invalid_state"
+    with pytest.raises(InvalidState):  # the state was single use
+        flow.complete(query["state"], query["code"], "alice")
     assert len(token_grants(sandbox)) == 1
     assert redis_client.exists(state_key) == 0
 
@@ -195,7 +215,7 @@ def test_resolver_hands_out_connect_url_then_serves_the_connected_credential(
     assert info.value.reason == NotConnected.NEVER_CONNECTED and info.value.connect_url
 
     query = browser(info.value.connect_url, user="alice-upstream")
-    flow.callback(query["state"], code=query["code"])
+    flow.complete(query["state"], query["code"], "alice")
     resolved = resolver.resolve("alice", "gh")
 
     stored = store.get("alice", flow.servers["gh"].key)
@@ -244,7 +264,7 @@ def test_start_refuses_a_server_that_does_not_use_the_connect_flow(flow: Connect
 
 
 def race(n: int, call: Callable[[], object]) -> list[object]:
-    """Run ``call`` in ``n`` threads released together; their results or ConnectErrors."""
+    """Run ``call`` in ``n`` threads released together; their results or BrokerErrors."""
     barrier = threading.Barrier(n)
     outcomes: list[object] = []
 
@@ -252,7 +272,7 @@ def race(n: int, call: Callable[[], object]) -> list[object]:
         barrier.wait()
         try:
             outcomes.append(call())
-        except ConnectError as exc:
+        except BrokerError as exc:
             outcomes.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(n)]
@@ -269,12 +289,12 @@ def test_two_concurrent_callbacks_with_one_state_exactly_one_wins(flow: ConnectF
         user = f"user{round_}"
         query = browser(flow.start(user, "gh").connect_url, user=user)
 
-        outcomes = race(2, lambda: flow.callback(query["state"], code=query["code"]))  # noqa: B023
+        outcomes = race(2, lambda: flow.complete(query["state"], query["code"], user))  # noqa: B023
 
         wins = [o for o in outcomes if isinstance(o, ConnectResult)]
-        losses = [o for o in outcomes if isinstance(o, ConnectError)]
+        losses = [o for o in outcomes if isinstance(o, BrokerError)]
         assert wins == [ConnectResult(user, "gh")]
-        assert [e.reason for e in losses] == ["invalid_state"]
+        assert [e.code for e in losses] == ["invalid_state"]
         assert store.get(user, flow.servers["gh"].key) is not None
     assert len(token_grants(sandbox)) == 3  # the loser never reached the provider
 
@@ -286,16 +306,15 @@ def test_expired_state_is_refused_and_stores_nothing(flow: ConnectFlow, sandbox:
     query = browser(start.connect_url, user="alice")
     clock.advance(601)
 
-    with pytest.raises(ConnectError) as info:
-        flow.callback(query["state"], code=query["code"])
+    with pytest.raises(InvalidState) as info:
+        flow.complete(query["state"], query["code"], "alice")
 
-    assert info.value.reason == "expired_state"
+    assert "expired" in info.value.message
     assert token_grants(sandbox) == []
     assert store.list("alice") == []
     assert (audit.events[-1].outcome, audit.events[-1].reason) == (Outcome.FAILURE, "expired_state")
-    with pytest.raises(ConnectError) as again:  # consumed, even though it had expired
-        flow.callback(query["state"], code=query["code"])
-    assert again.value.reason == "invalid_state"
+    with pytest.raises(InvalidState):  # consumed, even though it had expired
+        flow.complete(query["state"], query["code"], "alice")
 
 
 def test_state_just_inside_its_ttl_still_completes(flow: ConnectFlow, store: CredentialStore,
@@ -303,29 +322,35 @@ def test_state_just_inside_its_ttl_still_completes(flow: ConnectFlow, store: Cre
     query = browser(flow.start("alice", "gh").connect_url, user="alice")
     clock.advance(599)
 
-    assert flow.callback(query["state"], code=query["code"]) == ConnectResult("alice", "gh")
+    assert flow.complete(query["state"], query["code"], "alice") == ConnectResult("alice", "gh")
     assert store.get("alice", flow.servers["gh"].key) is not None
 
 
 @pytest.mark.parametrize("state", ["", None, "not-a-state-we-issued", "x" * 600])
-def test_unknown_or_missing_state_is_refused(flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore,
-                                             audit: MemoryAuditSink, state: str | None) -> None:
-    with pytest.raises(ConnectError) as info:
-        flow.callback(state, code="sbx_ac_whatever")
+def test_unknown_or_missing_state_is_refused(flow: ConnectFlow, browser_flow: ConnectFlow, sandbox: SandboxHandle,
+                                             store: CredentialStore, audit: MemoryAuditSink,
+                                             state: str | None) -> None:
+    with pytest.raises(InvalidState) as info:
+        flow.complete(state, "sbx_ac_whatever", "alice")
+    for step in (lambda: browser_flow.open(state), lambda: browser_flow.callback(state, "sbx_ac_whatever"),
+                 lambda: browser_flow.confirm(state, "cookie")):
+        with pytest.raises(BrokerError):
+            step()
 
-    assert info.value.reason == "invalid_state"
-    assert info.value.to_dict()["error"] == "connect_failed"
+    assert info.value.to_dict()["error"] == "invalid_state" and info.value.http_status == 400
     assert sandbox.provider.requests("token") == []
-    assert audit.events[-1].outcome is Outcome.FAILURE and audit.events[-1].user_id is None
+    assert audit.events == []  # junk from anyone is counted in metrics, not written to the audit table
 
 
-def test_access_denied_stores_nothing_and_audits_denied(flow: ConnectFlow, sandbox: SandboxHandle,
+def test_access_denied_stores_nothing_and_audits_denied(browser_flow: ConnectFlow, sandbox: SandboxHandle,
                                                         store: CredentialStore, audit: MemoryAuditSink) -> None:
-    query = browser(flow.start("alice", "gh").connect_url, consent="deny")
+    flow = browser_flow
+    state, cookie, authorize_url = open_link(flow, flow.start("alice", "gh").connect_url)
+    query = browser(authorize_url, consent="deny")
     assert query["error"] == "access_denied" and "code" not in query
 
     with pytest.raises(ConnectError) as info:
-        flow.callback(query["state"], error=query["error"])
+        flow.callback(query["state"], error=query["error"], cookie=cookie)
 
     assert info.value.reason == "access_denied"
     assert sandbox.provider.requests("token") == []
@@ -333,23 +358,73 @@ def test_access_denied_stores_nothing_and_audits_denied(flow: ConnectFlow, sandb
     (event,) = audit.events
     assert (event.action, event.outcome, event.user_id, event.reason) == (
         Action.CONNECT, Outcome.DENIED, "alice", "access_denied")
-    with pytest.raises(ConnectError) as again:  # the state was cleared
-        flow.callback(query["state"], code="sbx_ac_late")
-    assert again.value.reason == "invalid_state"
+    with pytest.raises(InvalidState):  # the state was cleared
+        flow.callback(query["state"], code="sbx_ac_late", cookie=cookie)
 
 
-def test_a_flow_started_by_a_completes_for_a_only(flow: ConnectFlow, store: CredentialStore) -> None:
-    # Bob finishes the consent of a link Alice started (a forwarded link):
-    # the credential is still Alice's, because the state, not the browser, names the user.
-    start = flow.start("alice", "gh")
-    query = browser(start.connect_url, user="bob")
+def test_gateway_mode_refuses_a_foreign_users_completion_and_burns_the_state(
+        flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore, audit: MemoryAuditSink) -> None:
+    # Alice asks for a link and has Bob open it; Bob consents; Bob's gateway session completes.
+    query = browser(flow.start("alice", "gh").connect_url, user="bob-upstream")
 
-    result = flow.callback(query["state"], code=query["code"])
+    with pytest.raises(ConnectUserMismatch) as info:
+        flow.complete(query["state"], query["code"], "bob")
 
-    key = flow.servers["gh"].key
-    assert result.user_id == "alice"
-    assert store.get("alice", key) is not None
-    assert store.get("bob", key) is None and store.list("bob") == []
+    assert info.value.to_dict()["error"] == "connect_user_mismatch" and info.value.http_status == 403
+    assert token_grants(sandbox) == []  # the code was never redeemed
+    assert store.list("alice") == [] and store.list("bob") == []
+    with pytest.raises(InvalidState):  # burned: not even Alice can use it now
+        flow.complete(query["state"], query["code"], "alice")
+    assert store.list("alice") == []
+    assert [(e.outcome, e.user_id, e.reason) for e in audit.events] == [(Outcome.DENIED, "alice", "user_mismatch")]
+
+
+def test_browser_mode_completes_only_in_the_browser_that_opened_the_link_after_a_confirming_click(
+        browser_flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore, redis_client: redis.Redis,
+        audit: MemoryAuditSink) -> None:
+    flow = browser_flow
+    start = flow.start("alice@example.com", "gh")
+    assert start.connect_url.startswith(OPEN_URL + "?state=")
+    state, cookie, authorize_url = open_link(flow, start.connect_url)
+    assert authorize_url.startswith(sandbox.url + "/authorize?") and f"state={state}" in authorize_url
+    with pytest.raises(ConnectError) as twice:  # a link binds one browser only
+        flow.open(state)
+    assert twice.value.reason == "link_used"
+    query = browser(authorize_url, user="alice-upstream")
+
+    prompt = flow.callback(query["state"], code=query["code"], cookie=cookie)
+
+    assert prompt == ConfirmPrompt("gh", "a***e@example.com")
+    assert token_grants(sandbox) == [] and store.list("alice@example.com") == []  # nothing before the click
+    # A cross-site POST (no cookie, or another one) neither completes nor burns the link.
+    for wrong in (None, "forged-cookie"):
+        with pytest.raises(ConnectError) as refused:
+            flow.confirm(state, wrong)
+        assert refused.value.reason == "browser_mismatch"
+    assert flow.confirm(state, cookie) == ConnectResult("alice@example.com", "gh")
+    assert len(token_grants(sandbox)) == 1
+    assert store.get("alice@example.com", flow.servers["gh"].key) is not None
+    with pytest.raises(BrokerError):  # single use
+        flow.confirm(state, cookie)
+    assert len(token_grants(sandbox)) == 1
+
+
+def test_browser_mode_refuses_a_foreign_browser_and_stores_nothing(
+        browser_flow: ConnectFlow, sandbox: SandboxHandle, store: CredentialStore, audit: MemoryAuditSink) -> None:
+    flow = browser_flow
+    # Alice opens her link (her browser gets the cookie) and forwards the authorization URL to Bob.
+    state, alice_cookie, authorize_url = open_link(flow, flow.start("alice", "gh").connect_url)
+    query = browser(authorize_url, user="bob-upstream")
+
+    with pytest.raises(ConnectError) as info:  # Bob's browser has no cookie for this link
+        flow.callback(query["state"], code=query["code"], cookie=None)
+
+    assert info.value.reason == "browser_mismatch"
+    assert token_grants(sandbox) == []
+    assert store.list("alice") == [] and store.list("bob") == []
+    with pytest.raises(InvalidState):  # the state is burned
+        flow.callback(query["state"], code=query["code"], cookie=alice_cookie)
+    assert (audit.events[-1].outcome, audit.events[-1].reason) == (Outcome.DENIED, "browser_mismatch")
 
 
 def test_a_code_from_one_flow_does_not_complete_another_users_state(flow: ConnectFlow, sandbox: SandboxHandle,
@@ -358,15 +433,15 @@ def test_a_code_from_one_flow_does_not_complete_another_users_state(flow: Connec
     bob = browser(flow.start("bob", "gh").connect_url, user="bob")
 
     # Bob's state with Alice's code: Bob's PKCE verifier does not match Alice's challenge.
-    with pytest.raises(ConnectError) as info:
-        flow.callback(bob["state"], code=alice["code"])
+    with pytest.raises(UpstreamError) as info:
+        flow.complete(bob["state"], alice["code"], "bob")
 
-    assert info.value.reason == "token_exchange_failed"
+    assert info.value.oauth_error == "invalid_grant"
     assert sandbox.provider.stats()["errors"].get("invalid_grant") == 1
     assert store.list("bob") == [] and store.list("alice") == []
     # The code was burnt by the failed attempt (single use at the provider): Alice must start again.
-    with pytest.raises(ConnectError):
-        flow.callback(alice["state"], code=alice["code"])
+    with pytest.raises(UpstreamError):
+        flow.complete(alice["state"], alice["code"], "alice")
     assert store.list("alice") == []
 
 
@@ -379,7 +454,7 @@ def test_callback_after_the_server_url_changed_is_refused(flow: ConnectFlow, san
                         oauth, flow.states, audit, clock, CALLBACK_URL)
 
     with pytest.raises(ConnectError) as info:
-        moved.callback(query["state"], code=query["code"])
+        moved.complete(query["state"], query["code"], "alice")
 
     assert info.value.reason == "server_changed"
     assert sandbox.provider.requests("token") == [] and store.list("alice") == []
@@ -438,3 +513,19 @@ def test_failed_revocation_is_audited_and_the_local_delete_still_happens(
     # Not revoked upstream, so the refresh token would still work: that is what the failure audit is for.
     sandbox.provider.set_fault("revoke", None)
     assert oauth.refresh(server, stored.credential).access_token != stored.credential.access_token
+
+
+def test_a_double_click_on_confirm_stores_once(browser_flow: ConnectFlow, sandbox: SandboxHandle,
+                                               store: CredentialStore) -> None:
+    flow = browser_flow
+    for round_ in range(3):
+        user = f"clicker{round_}"
+        state, cookie, authorize_url = open_link(flow, flow.start(user, "gh").connect_url)
+        query = browser(authorize_url, user=user)
+        flow.callback(query["state"], code=query["code"], cookie=cookie)
+
+        outcomes = race(2, lambda: flow.confirm(state, cookie))  # noqa: B023
+
+        assert [o for o in outcomes if isinstance(o, ConnectResult)] == [ConnectResult(user, "gh")]
+        assert store.get(user, flow.servers["gh"].key) is not None
+    assert len(token_grants(sandbox)) == 3  # one redemption per flow

@@ -221,10 +221,10 @@ def test_broken_code_redemption_stores_nothing(h: Harness, mode: str) -> None:
     query = h.consent()
     h.provider.set_fault("token", mode)
 
-    with pytest.raises(ConnectError) as info:
-        h.flow.callback(query["state"], code=query["code"])
+    with pytest.raises(UpstreamError) as info:  # gateway mode: POST /v1/connect/complete answers 502
+        h.flow.complete(query["state"], query["code"], "alice")
 
-    assert info.value.reason == "token_exchange_failed"
+    assert info.value.code == "upstream_error"
     assert_clean(info.value, query["code"])
     assert h.nothing_stored()
     assert h.audit.events[-1].action is Action.CONNECT and h.audit.events[-1].outcome is Outcome.FAILURE
@@ -258,7 +258,7 @@ def test_echoed_refresh_token_is_not_stored_or_shown(h: Harness, client_secret: 
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     query = h.consent()
-    h.flow.callback(query["state"], code=query["code"])
+    h.flow.complete(query["state"], query["code"], "alice")
     key = h.servers["gh"].key
     before = h.store.get("alice", key)
     assert before is not None and before.credential.refresh_token is not None
@@ -280,7 +280,7 @@ def test_echoed_refresh_token_is_not_stored_or_shown(h: Harness, client_secret: 
 
 def test_failed_refresh_of_a_valid_credential_keeps_it_and_marks_degraded(h: Harness) -> None:
     query = h.consent()
-    h.flow.callback(query["state"], code=query["code"])
+    h.flow.complete(query["state"], query["code"], "alice")
     key = h.servers["gh"].key
     before = h.store.get("alice", key)
     assert before is not None

@@ -463,6 +463,41 @@ def test_fault_429_has_retry_after(http: httpx.Client, sandbox: SandboxHandle) -
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
 
 
+def test_fault_503_carries_retry_after_and_invalid_grant_is_a_400(http: httpx.Client,
+                                                                  sandbox: SandboxHandle) -> None:
+    sandbox.provider.set_fault("token", "503", count=1, retry_after=2)
+    response = exchange(http, sandbox.provider.issue_subject_token("alice"))
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert response.json()["error"] == "temporarily_unavailable"
+    sandbox.provider.set_fault("token", "invalid_grant", count=1)
+    response = exchange(http, sandbox.provider.issue_subject_token("alice"))
+    assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+
+
+def test_refresh_tokens_die_of_disuse(http: httpx.Client, sandbox: SandboxHandle) -> None:
+    now = [time.time()]
+    provider = sandbox.provider
+    real_clock = provider.clock
+    provider.clock = lambda: now[0]
+    try:
+        provider.configure(refresh_idle_seconds=100, rotate_refresh_tokens=False)
+        token = connect(http)["refresh_token"]
+        for _ in range(3):  # each use restarts the idle clock
+            now[0] += 99
+            assert refresh(http, token).status_code == 200
+        now[0] += 101
+        response = refresh(http, token)
+        assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+        provider.configure(rotate_refresh_tokens=True)
+        rotated = refresh(http, connect(http)["refresh_token"]).json()["refresh_token"]
+        now[0] += 99
+        assert refresh(http, rotated).status_code == 200
+        now[0] += 101
+        assert refresh(http, connect(http)["refresh_token"]).status_code == 200  # a fresh one is fine
+    finally:
+        provider.clock = real_clock
+
+
 def test_fault_until_cleared(http: httpx.Client, sandbox: SandboxHandle) -> None:
     sandbox.provider.set_fault("revoke", "5xx")
     assert all(http.post("/revoke", data={"token": "t", **CONFIDENTIAL}).status_code == 503 for _ in range(3))

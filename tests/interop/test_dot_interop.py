@@ -149,7 +149,8 @@ def register_seen_tokens(interop: Interop) -> Iterator[None]:
 def test_connect_flow_redeems_the_code_with_pkce_at_dot(interop: Interop) -> None:
     never = interop.api.resolve("alice", SERVER)
     assert never.status_code == 409 and never.json()["reason"] == "never_connected"
-    assert never.json()["connect_url"].startswith(f"{interop.dot.url}/o/authorize/?")
+    # Browser mode: the link starts at the broker, which binds the browser and redirects to DOT.
+    assert never.json()["connect_url"].startswith(f"{interop.cluster.settings.public_url}/v1/connect/open?state=")
 
     page = interop.connect("alice")
 

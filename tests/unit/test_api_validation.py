@@ -31,6 +31,7 @@ from broker.errors import (
 )
 from broker.secret import Secret
 from broker.settings import load_settings
+from broker.validation import validate_server_name, validate_user_id
 from tests.secrets import assert_no_leak, canary
 from workers.api import create_app
 from workers.api_input import (
@@ -58,7 +59,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
     (b"[1, 2]", "must be a JSON object"),
     (b'"text"', "must be a JSON object"),
     (b"\xff\xfe{}", "not UTF-8"),
-    (b'{"a": 1, "a": 2}', "duplicate field 'a'"),
+    (b'{"a": 1, "a": 2}', "a field appears twice"),
     (b'{"a": NaN}', "NaN"),
     (b'{"a": ' + b"[" * 9 + b"]" * 9 + b"}", "nested deeper"),
     (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "larger than"),
@@ -82,8 +83,9 @@ def test_malformed_json_message_does_not_quote_the_body() -> None:
 
 
 def test_fields_unknown_and_missing() -> None:
-    with pytest.raises(InvalidRequest, match="unknown field.*'usr'"):
+    with pytest.raises(InvalidRequest, match="unknown field.*1 not recognised; allowed: server, user_id") as info:
         check_fields({"usr": "a", "server": "x"}, ("user_id", "server"))
+    assert "usr" not in info.value.message  # a submitted name is never echoed
     with pytest.raises(InvalidRequest, match="^user_id: required"):
         check_fields({"server": "x"}, ("user_id", "server"))
     check_fields({"user_id": "a", "server": "x", "timeout": 2}, ("user_id", "server"), ("timeout",))
@@ -238,6 +240,12 @@ def test_path_user_ids(app: Starlette) -> None:
                  "/v1/users/%07x/credentials", "/v1/users//credentials"):
         r = call(app, "GET", path, headers=AUTH)
         assert r.status_code == 422 and r.json()["message"].startswith("user_id:"), path
+    # A newline or an encoded slash in the id reaches the validator on every user route (422, not 404).
+    for method, path in (("GET", "/v1/users/%0A/credentials"), ("DELETE", "/v1/users/%0A/subject-token"),
+                         ("PUT", "/v1/users/%0A/subject-token"), ("DELETE", "/v1/users/%0A"),
+                         ("DELETE", "/v1/users/a%2Fb"), ("DELETE", "/v1/users/%0A/credentials/tx")):
+        r = call(app, method, path, headers=AUTH, **({"json": {"token": "t"}} if method == "PUT" else {}))
+        assert r.status_code == 422 and r.json()["message"].startswith("user_id:"), (method, path)
 
 
 def test_oversized_bodies_with_and_without_length(app: Starlette) -> None:
@@ -323,7 +331,7 @@ def test_openapi_names_every_route(app: Starlette) -> None:
         assert isinstance(route, Route)
         for method in route.methods or ():
             if method != "HEAD":
-                served.add((route.path.replace(":path", ""), method.lower()))
+                served.add((route.path.replace(":path", "").replace(":userid", ""), method.lower()))
     documented = {(path, method) for path, ops in OPENAPI["paths"].items() for method in ops}
     assert served == documented
     for path, ops in OPENAPI["paths"].items():
@@ -360,3 +368,21 @@ def test_escaped_control_and_surrogate_user_ids(user_id: str) -> None:
     body = parse_json_object(('{"user_id": "' + user_id + '", "server": "x"}').encode())
     with pytest.raises(InvalidRequest, match="^user_id"):
         validate_user_id(body["user_id"])
+
+
+def test_no_error_message_echoes_a_submitted_value() -> None:
+    """Issue 12: names and values a caller sends never come back in a message."""
+    from broker.errors import UnknownServer
+    from broker.servers import ServerRegistry
+
+    marker = "<script>cbtest-echo</script>"
+    messages = []
+    for call in (lambda: ServerRegistry([]).get_server(marker),
+                 lambda: check_fields({marker: 1, "server": "x"}, ("user_id", "server")),
+                 lambda: parse_json_object(('{"' + marker + '": 1, "' + marker + '": 2}').encode()),
+                 lambda: validate_user_id(marker + "/x"),
+                 lambda: validate_server_name(marker + "/x")):
+        with pytest.raises((InvalidRequest, UnknownServer)) as info:
+            call()
+        messages.append(str(info.value.to_dict()))
+    assert not [m for m in messages if "cbtest-echo" in m or "script" in m], messages

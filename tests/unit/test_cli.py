@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from typing import Any
 import yaml
 
 from broker.crypto import parse_key, parse_master_keys
@@ -155,6 +156,34 @@ def test_keygen_transport(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert ":" not in out
     assert len(parse_key(out.strip(), "transport")) == 32
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256"])
+def test_keygen_jwk_prints_a_pair_whose_signatures_the_jwk_verifies(
+        capsys: pytest.CaptureFixture[str], tmp_path: Any, alg: str) -> None:
+    import json
+
+    from broker.jose import SigningKey, load_private_pem
+    from broker.oauth.assertion import client_assertion
+    from broker.sandbox.pop import verify_client_assertion
+
+    code, out, _ = run(capsys, "keygen", "--jwk", "--alg", alg)
+    assert code == 0
+    pem, _, jwks = out.partition("-----END PRIVATE KEY-----\n")
+    (jwk,) = json.loads(jwks)["keys"]
+    assert "d" not in jwk and jwk["alg"] == alg and jwk["use"] == "sig"
+    key = SigningKey.of(load_private_pem((pem + "-----END PRIVATE KEY-----\n").encode(), "out"), kid=jwk["kid"])
+    assert key.kid == jwk["kid"]  # the default kid is the key's thumbprint, so servers config can name it
+    verify_client_assertion(client_assertion(key, "c", "https://as/token", 1e9), client_id="c", jwk=jwk,
+                            audiences={"https://as/token"}, now=1e9, seen={})
+    path = tmp_path / "client.pem"
+    code, out, _ = run(capsys, "keygen", "--jwk", "--kid", "k-2026", "--out", str(path))
+    assert code == 0 and "PRIVATE" not in out and json.loads(out)["keys"][0]["kid"] == "k-2026"
+    assert path.read_text().startswith("-----BEGIN PRIVATE KEY-----") and path.stat().st_mode & 0o777 == 0o600
+    code, _, err = run(capsys, "keygen", "--jwk", "--out", str(path))  # never overwrites a key
+    assert code == 2 and "cannot create" in err
+    code, _, err = run(capsys, "keygen", "--jwk", "--transport")
+    assert code == 2
 
 
 # -- servers check ---------------------------------------------------------------------------------------

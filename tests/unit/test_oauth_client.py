@@ -169,6 +169,18 @@ def test_refresh_keeps_obtained_via(client: OAuthClient, fake_as: FakeAS) -> Non
     assert client.refresh(server(), old).obtained_via is ObtainedVia.TOKEN_EXCHANGE
 
 
+def test_retry_false_makes_one_attempt(client: OAuthClient, fake_as: FakeAS) -> None:
+    fake_as.token_replies = [(503, {"error": "temporarily_unavailable"})]
+    with pytest.raises(UpstreamError):
+        client.refresh(server(Mode.OAUTH_CONNECT), connected(), retry=False)
+    with pytest.raises(UpstreamError):
+        client.mint(server(), Secret(SUBJECT), retry=False)
+    assert len(fake_as.forms()) == 2
+    with pytest.raises(UpstreamError):
+        client.refresh(server(Mode.OAUTH_CONNECT), connected())  # default: the sender's retries
+    assert len(fake_as.forms()) == 2 + 3
+
+
 def test_refresh_without_refresh_token_needs_reconnect(client: OAuthClient, fake_as: FakeAS) -> None:
     with pytest.raises(NotConnected) as info:
         client.refresh(server(Mode.OAUTH_CONNECT), connected(refresh_token=None))

@@ -139,7 +139,7 @@ def test_trailing_slash_difference_is_tolerated() -> None:
 )
 def test_insecure_or_invalid_endpoints_are_refused(endpoint: object) -> None:
     fetch = Fetcher({RFC8414: metadata(token_endpoint=endpoint)})
-    with pytest.raises(UpstreamError, match="invalid token_endpoint"):
+    with pytest.raises((UpstreamError, ConfigError), match="token_endpoint"):
         resolve_endpoints(cfg(), fetch)
 
 
@@ -178,7 +178,8 @@ def test_loopback_http_issuer_is_allowed() -> None:
     issuer = "http://127.0.0.1:9000"
     fetch = Fetcher({
         "http://127.0.0.1:9000/.well-known/oauth-authorization-server":
-            metadata(issuer=issuer, token_endpoint="http://127.0.0.1:9000/token"),
+            metadata(issuer=issuer, token_endpoint="http://127.0.0.1:9000/token", authorization_endpoint=None,
+                     revocation_endpoint=None),
     })
     resolved = resolve_endpoints(AuthBrokerConfig(mode=Mode.TOKEN_EXCHANGE, issuer=issuer), fetch)
     assert resolved.token_endpoint == "http://127.0.0.1:9000/token"
@@ -229,3 +230,53 @@ def test_cache_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+# -- SSRF: where discovered endpoints may point ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("endpoint", "why"), [
+    ("http://localhost:6379/", "https"),                    # loopback, plain http (Redis)
+    ("https://localhost:6379/", "issuer's host"),           # loopback, another host
+    ("https://127.0.0.1/token", "issuer's host"),
+    ("https://169.254.169.254/latest/meta-data", "issuer's host"),  # link-local (cloud metadata)
+    ("https://10.0.0.5/token", "issuer's host"),            # private
+    ("https://192.168.1.10/token", "issuer's host"),
+    ("https://[fd00::1]/token", "issuer's host"),
+    ("https://other.example/token", "issuer's host"),       # a public host, but not the issuer's
+    ("https://as.example:6379/token", "issuer's host"),     # the issuer's name, another port
+])
+def test_discovered_endpoints_off_the_issuers_host_are_refused(endpoint: str, why: str) -> None:
+    fetch = Fetcher({RFC8414: metadata(token_endpoint=endpoint)})
+    with pytest.raises(ConfigError, match=why) as info:
+        resolve_endpoints(cfg(), fetch)
+    assert "token_endpoint" in info.value.message and endpoint not in info.value.message
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("meta.example", "loopback, private or link-local"),   # a name that resolves to link-local
+    ("rebind.example", "loopback, private or link-local"),  # one of its addresses is private
+    ("nowhere.example", "does not resolve"),
+])
+def test_the_resolved_address_is_checked_not_only_the_name(host: str, why: str) -> None:
+    issuer = f"https://{host}"
+    doc = {"issuer": issuer, "token_endpoint": f"{issuer}/token"}
+    fetch = Fetcher({f"{issuer}/.well-known/oauth-authorization-server": doc})
+    config = AuthBrokerConfig(mode=Mode.TOKEN_EXCHANGE, issuer=issuer, client_id="c")
+    with pytest.raises(ConfigError, match=why):
+        resolve_endpoints(config, fetch)
+
+
+def test_an_allow_listed_host_may_serve_endpoints() -> None:
+    fetch = Fetcher({RFC8414: metadata(token_endpoint="https://other.example/oauth/token")})
+    listed = cfg(discovery_hosts=("other.example",))
+    assert resolve_endpoints(listed, fetch).token_endpoint == "https://other.example/oauth/token"
+    assert resolve_endpoints(cfg(discovery_hosts=("other.example:443",)), fetch).token_endpoint
+
+
+def test_a_loopback_issuer_may_use_loopback_endpoints() -> None:
+    issuer = "http://127.0.0.1:8080"
+    doc = {"issuer": issuer, "token_endpoint": f"{issuer}/token"}
+    fetch = Fetcher({f"{issuer}/.well-known/oauth-authorization-server": doc})
+    config = AuthBrokerConfig(mode=Mode.TOKEN_EXCHANGE, issuer=issuer, client_id="c")
+    assert resolve_endpoints(config, fetch).token_endpoint == f"{issuer}/token"

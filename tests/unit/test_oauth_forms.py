@@ -167,7 +167,7 @@ def test_client_secret_basic_form_urlencodes_both_parts() -> None:
 
 
 def test_public_client_sends_client_id_only() -> None:
-    for auth in ClientAuth:
+    for auth in (ClientAuth.CLIENT_SECRET_POST, ClientAuth.CLIENT_SECRET_BASIC):
         req = authorization_code_request(
             cfg(client_secret=None, client_auth=auth), "c", "v", "https://b.example/cb"
         )

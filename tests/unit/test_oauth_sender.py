@@ -157,6 +157,20 @@ def test_max_attempts_bounds_the_calls() -> None:
     assert info.value.status == 500
 
 
+def test_a_single_attempt_call_does_not_retry_and_keeps_retry_after() -> None:
+    clock = FakeTime()
+    handler, seen = scripted(resp(503, retry_after="2"), resp(200, OK))
+    with pytest.raises(UpstreamError) as info:
+        make_sender(handler, clock).send(REQ, max_attempts=1)
+    assert len(seen) == 1 and clock.sleeps == []
+    assert (info.value.status, info.value.retry_after) == (503, 2.0)  # for the credential's backoff
+    # a per-call limit only lowers the configured one
+    handler, seen = scripted(resp(500))
+    with pytest.raises(UpstreamError):
+        make_sender(handler, clock, max_attempts=2).send(REQ, max_attempts=9)
+    assert len(seen) == 2
+
+
 def test_time_spent_in_calls_counts_against_the_budget() -> None:
     clock = FakeTime()
 

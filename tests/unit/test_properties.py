@@ -16,7 +16,7 @@ from broker.clock import FakeClock
 from broker.connect import ConnectError, ConnectFlow
 from broker.crypto import DecryptError, Sealer, record_ad
 from broker.db import make_engine
-from broker.errors import OAUTH_ERROR_CODES, BrokerError, ConfigError, InvalidRequest, UpstreamError
+from broker.errors import InvalidState, OAUTH_ERROR_CODES, BrokerError, ConfigError, InvalidRequest, UpstreamError
 from broker.migrate import upgrade
 from broker.models import ObtainedVia
 from broker.oauth.responses import parse_token_response
@@ -137,7 +137,8 @@ def flow(tmp_path_factory):  # type: ignore[no-untyped-def]
             raise AssertionError("no authorization server call for a bad state")
 
     states = MemoryStateStore()
-    yield ConnectFlow(servers, store, NoOAuth(), states, MemoryAuditSink(), FakeClock(), "https://b/cb"), store  # type: ignore[arg-type]
+    yield ConnectFlow(servers, store, NoOAuth(), states, MemoryAuditSink(), FakeClock(), "https://b/cb",
+                      open_url="https://b/open"), store  # type: ignore[arg-type]
     engine.dispose()
 
 
@@ -146,9 +147,12 @@ def flow(tmp_path_factory):  # type: ignore[no-untyped-def]
        st.one_of(st.none(), st.text(max_size=30)))
 def test_callback_state_values_never_store_anything(flow, state, code, error) -> None:  # type: ignore[no-untyped-def]
     connect_flow, store = flow
-    with pytest.raises(ConnectError) as info:
-        connect_flow.callback(state, code=code, error=error)
-    assert info.value.reason in {"invalid_state", "expired_state"}
-    assert isinstance(info.value, BrokerError)
+    with pytest.raises(InvalidState):
+        connect_flow.callback(state, code=code, error=error, cookie=code)
+    with pytest.raises((InvalidState, ConnectError)) as info:
+        connect_flow.confirm(state, cookie=code)
+    assert isinstance(info.value, BrokerError) and info.value.code in {"invalid_state", "connect_failed"}
+    with pytest.raises(InvalidState):
+        connect_flow.open(state)
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM credentials").scalar() == 0

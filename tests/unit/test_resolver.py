@@ -60,14 +60,14 @@ class FakeOAuth:
                           expires_at=now + timedelta(seconds=self.ttl), scopes=("read",),
                           refresh_token=Secret(canary("rt")) if refresh else None)
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
+    def mint(self, server: ServerConfig, subject_token: Secret, *, retry: bool = True) -> Credential:
         self.calls.append(("mint", subject_token.reveal()))
         if self.fail:
             raise self.fail
         via = ObtainedVia.ENTRA_OBO if server.mode.value == "entra_obo" else ObtainedVia.TOKEN_EXCHANGE
         return self._issue(via)
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, *, retry: bool = True) -> Credential:
         assert credential.refresh_token is not None
         self.calls.append(("refresh", credential.refresh_token.reveal()))
         if self.fail:
@@ -205,6 +205,8 @@ def test_connect_without_refresh_token_expired_reconnect(env) -> None:  # type: 
     with pytest.raises(NotConnected) as info:
         resolver.resolve("alice", "gh")
     assert info.value.reason == "reconnect_required" and oauth.calls == []
+    stored = store.get("alice", SERVERS["gh"].key)
+    assert stored is not None and stored.status is CredentialStatus.NEEDS_RECONNECT and stored.refresh_at is None
 
 
 def test_per_user_isolation(env) -> None:  # type: ignore[no-untyped-def]
@@ -328,7 +330,7 @@ def test_a_status_write_mid_refresh_does_not_strand_the_rotated_token(env) -> No
     clock.advance(700)
     real_refresh = oauth.refresh
 
-    def refresh_with_status_write(server: ServerConfig, credential: Credential) -> Credential:
+    def refresh_with_status_write(server: ServerConfig, credential: Credential, **_: object) -> Credential:
         store.set_status("alice", key, CredentialStatus.DEGRADED, failure="temporarily_unavailable")
         return real_refresh(server, credential)
 
@@ -351,7 +353,7 @@ def test_a_lease_lost_mid_call_serves_nothing_unstored(env) -> None:  # type: ig
     clock.advance(700)
     real_refresh = oauth.refresh
 
-    def refresh_while_taken_over(server: ServerConfig, credential: Credential) -> Credential:
+    def refresh_while_taken_over(server: ServerConfig, credential: Credential, **_: object) -> Credential:
         with store.engine.begin() as conn:  # as if our lease expired and another flight took it
             conn.execute(update(T).values(lease_owner="usurper"))
         return real_refresh(server, credential)
@@ -384,3 +386,36 @@ def test_a_refresh_with_no_answer_leaves_its_outcome_unknown(env) -> None:  # ty
     after = store.get("alice", key)
     assert after is not None and after.failure == "rotation_lost" and lost == ["gh"]
     assert len(oauth.calls) == 2
+
+
+def test_dpop_server_renews_a_credential_stored_without_a_key(tmp_path: object, clock: FakeClock) -> None:
+    """Turning ``dpop: true`` on: a Bearer credential stored before is re-minted with a key, not served."""
+    from dataclasses import replace as _replace
+    from pathlib import Path
+
+    from broker.dpop import DPoPKey
+    from broker.servers import ServerRegistry
+
+    engine = make_engine(f"sqlite:///{Path(str(tmp_path)) / 'dpop.db'}")
+    upgrade(engine)
+    store = CredentialStore(engine, make_keyring("A"), clock=clock)
+    tx = SERVERS["tx"]
+    dp = _replace(tx, auth_broker=_replace(tx.auth_broker, dpop=True, header_format="DPoP {token}"))
+    oauth = FakeOAuth(clock)
+    minted = oauth._issue
+
+    def bound(via: ObtainedVia, refresh: bool = False) -> Credential:
+        return minted(via, refresh).with_changes(token_type="DPoP", dpop_key=DPoPKey.generate())
+
+    oauth._issue = bound  # type: ignore[method-assign]
+    resolver = Resolver(ServerRegistry([dp]), store, oauth, MemoryAuditSink(), clock)
+    store.put_subject_token("alice", SubjectToken(Secret(canary("subject")), None))
+    store.compare_and_swap("alice", dp.key, None, minted(ObtainedVia.TOKEN_EXCHANGE))
+    resolved = resolver.resolve("alice", "tx", method="GET", url="https://tx.example.com/mcp")
+    assert [c[0] for c in oauth.calls] == ["mint"] and resolved.dpop is not None
+    assert resolved.value.reveal().startswith("DPoP ")
+    stored = store.get("alice", dp.key)
+    assert stored is not None and stored.credential.dpop_key == resolved.dpop_key
+    resolver.resolve("alice", "tx", method="GET", url="https://tx.example.com/mcp")
+    assert len(oauth.calls) == 1  # now bound: served from the store
+    engine.dispose()

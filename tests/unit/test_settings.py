@@ -336,3 +336,16 @@ def test_paths() -> None:
     s = load(SERVERS_FILE="/etc/credbroker/servers.yaml", STATE_DIR="/var/lib/credbroker")
     assert s.servers_file == Path("/etc/credbroker/servers.yaml")
     assert s.state_dir == Path("/var/lib/credbroker")
+
+
+def test_renewal_backoff_settings() -> None:
+    s = load_settings({}, env_file=None)
+    assert (s.renewal_backoff_seconds, s.renewal_backoff_max_seconds) == (10.0, 3600.0)
+    s = load_settings({"CREDBROKER_RENEWAL_BACKOFF_SECONDS": "2", "CREDBROKER_RENEWAL_BACKOFF_MAX_SECONDS": "60"},
+                      env_file=None)
+    assert (s.renewal_backoff_seconds, s.renewal_backoff_max_seconds) == (2.0, 60.0)
+    with pytest.raises(ConfigError, match="RENEWAL_BACKOFF_SECONDS: must be at least 1"):
+        load_settings({"CREDBROKER_RENEWAL_BACKOFF_SECONDS": "0"}, env_file=None)
+    with pytest.raises(ConfigError, match="RENEWAL_BACKOFF_MAX_SECONDS: must be at least RENEWAL"):
+        load_settings({"CREDBROKER_RENEWAL_BACKOFF_SECONDS": "100",
+                       "CREDBROKER_RENEWAL_BACKOFF_MAX_SECONDS": "50"}, env_file=None)
