@@ -243,13 +243,13 @@ class GuardedOAuth:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def refresh(self, server: ServerConfig, credential: Credential) -> Credential:
+    def refresh(self, server: ServerConfig, credential: Credential, **options: Any) -> Credential:
         if credential.refresh_token is None:
-            return self.inner.refresh(server, credential)  # raises before any call
-        return self._guarded(server, lambda: self.inner.refresh(server, credential))
+            return self.inner.refresh(server, credential, **options)  # raises before any call
+        return self._guarded(server, lambda: self.inner.refresh(server, credential, **options))
 
-    def mint(self, server: ServerConfig, subject_token: Secret) -> Credential:
-        return self._guarded(server, lambda: self.inner.mint(server, subject_token))
+    def mint(self, server: ServerConfig, subject_token: Secret, **options: Any) -> Credential:
+        return self._guarded(server, lambda: self.inner.mint(server, subject_token, **options))
 
     def _guarded(self, server: ServerConfig, call: Callable[[], Credential]) -> Credential:
         with self._admitted(server):

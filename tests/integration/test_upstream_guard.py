@@ -55,7 +55,7 @@ class Provider:
         self.calls = 0
         self.next: list[UpstreamError | None] = []
 
-    def mint(self, server: ServerConfig, subject: Secret) -> Credential:
+    def mint(self, server: ServerConfig, subject: Secret, *, retry: bool = True) -> Credential:
         self.calls += 1
         outcome = self.next.pop(0) if self.next else None
         if outcome is not None:
@@ -130,6 +130,7 @@ def test_guarded_port_refuses_without_calling_and_counts_only_transient_failures
     port = GuardedOAuth(provider, guard)
     subject = Secret("cbtest-guard-subject-0123456789")
     assert port.endpoints(server) == "passed through"
+    port.mint(server, subject, retry=False)  # the port's options pass through
     # permanent answers show the server alive: they never open the circuit
     provider.next = [UpstreamError(status=400, oauth_error="invalid_grant")] * 5
     for _ in range(5):
