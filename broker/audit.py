@@ -30,7 +30,7 @@ AUDIT_MAX_LIMIT = 1000
 
 _REASON_RE = re.compile(r"^[a-z0-9_.:]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_METHODS = frozenset({"token_exchange", "entra_obo", "connect", "connect_flow", "cache", "subject_token", "none"})
+_METHODS = frozenset({"token_exchange", "entra_obo", "identity_assertion", "connect", "connect_flow", "cache", "subject_token", "none"})
 
 
 class Action(StrEnum):

@@ -184,6 +184,10 @@ class ConnectFlow:
                                 "exp": expires_at.timestamp()}, self.ttl,
                         group=pair_group(user_id, server.key), cap=self.states_per_pair)
         if self.open_url is not None:
+            if server.auth_broker.discover is not None:
+                # Added by URL: discover and register now (once, deployment-wide), so a
+                # link is handed out only for a server that can be used.
+                self.oauth.authorize_url(server, state, verifier, self.callback_url)
             return ConnectStart(f"{self.open_url}?{urlencode({'state': state})}", expires_at)
         return ConnectStart(self.oauth.authorize_url(server, state, verifier, self.callback_url), expires_at)
 
@@ -366,7 +370,8 @@ class ConnectFlow:
 
     def _revoke(self, user_id: str, server: ServerConfig, stored: StoredCredential, request_id: str | None,
                 method: str) -> None:
-        if not (server.auth_broker.revocation_endpoint or server.auth_broker.issuer):
+        cfg = server.auth_broker
+        if not (cfg.revocation_endpoint or cfg.issuer or cfg.discover is not None):
             return
         try:
             if self.oauth.revoke(server, stored.credential):

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, inspect
 
 __all__ = ["upgrade", "current_revision", "HEAD"]
 
-HEAD = "0002"
+HEAD = "0004"
 _LOCATION = str(Path(__file__).parent / "migrations")
 
 

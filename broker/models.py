@@ -25,6 +25,7 @@ class ObtainedVia(StrEnum):
     TOKEN_EXCHANGE = "token_exchange"
     ENTRA_OBO = "entra_obo"
     CONNECT_FLOW = "connect_flow"
+    IDENTITY_ASSERTION = "identity_assertion"
 
 
 class CredentialStatus(StrEnum):

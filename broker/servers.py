@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Mode",
     "ClientAuth",
+    "Discover",
     "RefreshScope",
     "AuthBrokerConfig",
     "ServerConfig",
@@ -63,6 +64,14 @@ class Mode(StrEnum):
     TOKEN_EXCHANGE = "token_exchange"
     ENTRA_OBO = "entra_obo"
     OAUTH_CONNECT = "oauth_connect"
+    # SEP-990 / ID-JAG: token exchange at the enterprise IdP, then jwt-bearer upstream.
+    IDENTITY_ASSERTION = "identity_assertion"
+
+
+class Discover(StrEnum):
+    """Where endpoints and the client come from when the file does not give them."""
+
+    MCP = "mcp"  # RFC 9728 from the server URL, RFC 8414, RFC 7591 registration
 
 
 class ClientAuth(StrEnum):
@@ -123,6 +132,12 @@ class AuthBrokerConfig:
     # Hosts (besides the issuer's) that discovered endpoints may name; listed
     # hosts may also resolve to private addresses (an explicit operator choice).
     discovery_hosts: tuple[str, ...] = ()
+    # ``discover: mcp``: endpoints, resource and client found from the server URL at run time.
+    discover: Discover | None = None
+    # identity_assertion: leg 1 (token exchange to an ID-JAG) at the enterprise IdP.
+    idp_token_endpoint: str | None = None
+    idp_client_id: str | None = None
+    idp_client_secret: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +205,8 @@ _AUTH_FIELDS = frozenset(
         "issuer", "client_id", "client_secret", "client_secret_env", "client_auth",
         "scopes", "resource", "audience", "requested_token_type", "header", "header_format",
         "refresh_scope", "default_lifetime_seconds", "refresh_token_idle_seconds",
-        "provider", "extra_authorize_params", *PARAM_KEYS, *ASSERTION_KEYS, "discovery_hosts",
+        "provider", "extra_authorize_params", "idp_token_endpoint", "idp_client_id",
+        "idp_client_secret", "idp_client_secret_env", *PARAM_KEYS, *ASSERTION_KEYS, "discovery_hosts",
     }
 )
 # mcpproxy protocols that speak HTTP; "stdio" is refused with its own message.
@@ -224,17 +240,18 @@ def _hosts(raw: Mapping[str, object], label: str) -> tuple[str, ...]:
     return hosts
 
 
-def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str]) -> Secret | None:
-    inline, env_name = raw.get("client_secret"), raw.get("client_secret_env")
+def _client_secret(raw: Mapping[str, object], label: str, environ: Mapping[str, str],
+                   key: str = "client_secret") -> Secret | None:
+    inline, env_name = raw.get(key), raw.get(f"{key}_env")
     if inline is not None and env_name is not None:
-        raise field_error(label, "auth_broker.client_secret", "give client_secret or client_secret_env, not both")
+        raise field_error(label, f"auth_broker.{key}", f"give {key} or {key}_env, not both")
     if inline is not None:
         if not isinstance(inline, str) or not inline:
-            raise field_error(label, "auth_broker.client_secret", "must be a non-empty string")
+            raise field_error(label, f"auth_broker.{key}", "must be a non-empty string")
         return Secret(inline)
     if env_name is None:
         return None
-    field = "auth_broker.client_secret_env"
+    field = f"auth_broker.{key}_env"
     name = check_env_name(env_name, label, field)
     value = environ.get(name)
     if not value:
@@ -295,6 +312,20 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
             )
         if client_id is None:
             raise field_error(label, "auth_broker.client_id", "required for oauth_connect")
+    idp_token_endpoint = _endpoint(raw, "idp_token_endpoint", label)
+    idp_client_id = optional_str(raw, "idp_client_id", label, "auth_broker.idp_client_id")
+    idp_secret = _client_secret(raw, label, environ, "idp_client_secret")
+    if mode is Mode.IDENTITY_ASSERTION:
+        if idp_token_endpoint is None:
+            raise field_error(label, "auth_broker.idp_token_endpoint",
+                              "required for identity_assertion (the enterprise IdP's token endpoint)")
+        if client_id is None:
+            raise field_error(label, "auth_broker.client_id", "required for identity_assertion")
+        if issuer is None and raw.get("audience") is None:
+            raise field_error(label, "auth_broker.issuer",
+                              "required for identity_assertion (the ID-JAG audience), or give audience")
+    if idp_secret is not None and idp_client_id is None:
+        raise field_error(label, "auth_broker.idp_client_id", "required when an idp client secret is given")
     if mode is Mode.ENTRA_OBO and client_id is None:
         raise field_error(label, "auth_broker.client_id", "required for entra_obo")
     if secret is not None and client_id is None:
@@ -343,6 +374,36 @@ def _auth_broker(raw: object, label: str, environ: Mapping[str, str]) -> AuthBro
         client_assertion_aud=parse_assertion_aud(raw, label, issuer),
         dpop=dpop,
         discovery_hosts=_hosts(raw, label),
+        idp_token_endpoint=idp_token_endpoint,
+        idp_client_id=idp_client_id,
+        idp_client_secret=idp_secret,
+    )
+
+
+def _discovered_auth_broker(entry: Mapping[str, object], url: str, label: str) -> AuthBrokerConfig:
+    """``discover: mcp``: only name and url are given; the rest is found at run time."""
+    value = entry.get("discover")
+    if value != Discover.MCP.value:
+        raise field_error(label, "discover", "must be 'mcp'")
+    check_url(url, label, "url", https=True)
+    raw = entry.get("auth_broker") or {}
+    if not isinstance(raw, Mapping):
+        raise field_error(label, "auth_broker", "must be a mapping")
+    allowed = {"mode", "scopes", "header", "header_format"}
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise field_error(label, "auth_broker", f"with discover: mcp only {', '.join(sorted(allowed))} "
+                          f"may be given (not {', '.join(map(repr, unknown))})")
+    if raw.get("mode", Mode.OAUTH_CONNECT.value) != Mode.OAUTH_CONNECT.value:
+        raise field_error(label, "auth_broker.mode", "discover: mcp needs oauth_connect")
+    return AuthBrokerConfig(
+        mode=Mode.OAUTH_CONNECT,
+        resource=url,  # RFC 8707: the MCP server's canonical URL (checked against its metadata)
+        scopes=parse_scopes(raw.get("scopes"), label, "auth_broker.scopes"),
+        header=check_header(raw.get("header"), label, "auth_broker.header"),  # type: ignore[arg-type]
+        header_format=check_header_format(raw.get("header_format"), label,  # type: ignore[arg-type]
+                                          "auth_broker.header_format"),
+        discover=Discover.MCP,
     )
 
 
@@ -364,6 +425,8 @@ def _server(entry: object, position: int, key_name: str | None, environ: Mapping
     if url is None:
         raise field_error(label, "url", "required")
     check_url(url, label, "url", https=False)
+    if entry.get("discover") is not None:
+        return ServerConfig(name=name, url=url, auth_broker=_discovered_auth_broker(entry, url, label))
     return ServerConfig(name=name, url=url, auth_broker=_auth_broker(entry.get("auth_broker"), label, environ))
 
 
@@ -391,7 +454,8 @@ def _entries(data: object) -> list[tuple[str | None, object]]:
         else:
             raise ConfigError("servers file: expected a list of servers, or 'servers' / 'mcpServers'")
         if mcpproxy:
-            entries = [(k, v) for k, v in entries if not (isinstance(v, Mapping) and "auth_broker" not in v)]
+            entries = [(k, v) for k, v in entries if not (isinstance(v, Mapping) and "auth_broker" not in v
+                                                                 and "discover" not in v)]
         return entries
     if isinstance(data, list):
         return [(None, v) for v in data]

@@ -43,6 +43,7 @@ from broker.errors import BrokerError, InvalidRequest, ServiceUnavailable
 from broker.models import SubjectToken
 from broker.resolved import check_nonce, check_request_target
 from broker.servers import ServerConfig
+from broker.oauth.mcp_discovery import CLIENT_METADATA_PATH, client_metadata_document, client_metadata_url
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
@@ -311,6 +312,15 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def client_metadata(request: Request) -> Response:
+    """The broker's Client ID Metadata Document (MCP servers added by URL fetch it)."""
+    settings = _api(request).settings
+    if client_metadata_url(settings.public_url) is None:
+        return JSONResponse({"error": "not_found", "message": "PUBLIC_URL is not https"}, status_code=404)
+    return JSONResponse(client_metadata_document(settings.public_url, settings.callback_url),
+                        headers={"Cache-Control": "public, max-age=300"})
+
+
 async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
@@ -332,6 +342,7 @@ ROUTES = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route(CLIENT_METADATA_PATH, client_metadata, methods=["GET"]),
 ]
 
 

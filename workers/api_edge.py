@@ -36,7 +36,7 @@ log = logging.getLogger("workers.api")
 REQUEST_ID_KEY = "credbroker.request_id"
 # No bearer key: the browser's callback, and probes that cannot hold a secret.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/v1/connect/callback", "/v1/connect/open",
-                        "/v1/connect/confirm"})
+                        "/v1/connect/confirm", "/v1/oauth/client-metadata.json"})
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # What a refused caller needs to know: where keys come from, and where the demo keeps its key.
 NO_KEYS_MESSAGE = ("no API keys configured: set CREDBROKER_API_KEYS (comma-separated, 16+ characters each) "

@@ -91,7 +91,7 @@ SCHEMAS: dict[str, Any] = {
             "server": {"type": "string"}, "header": {"type": "string", "examples": ["Authorization"]},
             "value": {"type": "string", "description": "the header value to inject, e.g. 'Bearer ...'"},
             "token_type": {"type": "string"}, "expires_at": _TS,
-            "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow"]},
+            "obtained_via": {"type": "string", "enum": ["token_exchange", "entra_obo", "connect_flow", "identity_assertion"]},
             "dpop": {"type": "object", "required": ["header", "value"],
                      "description": "DPoP servers only: a fresh single-use proof for the method and url given",
                      "properties": {"header": {"const": "DPoP"}, "value": {"type": ["string", "null"]}}},
@@ -111,7 +111,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["server", "mode", "status", "expires_at", "obtained_via", "scopes"],
         "properties": {
             "server": {"type": "string"},
-            "mode": {"type": "string", "enum": ["token_exchange", "entra_obo", "oauth_connect"]},
+            "mode": {"type": "string", "enum": ["token_exchange", "entra_obo", "oauth_connect", "identity_assertion"]},
             "status": {"type": "string", "enum": ["connected", "degraded", "expired", "needs_reconnect",
                                                   "not_connected"]},
             "expires_at": _TS,
@@ -222,6 +222,14 @@ PATHS: dict[str, Any] = {
                       "400": dict(_PAGE, description="Failed: a coarse reason, never a secret"),
                       "500": dict(_PAGE, description="Internal error: a page without detail"),
                       "503": dict(_PAGE, description="Store disabled or a backing service is down")},
+    }},
+    "/v1/oauth/client-metadata.json": {"get": {
+        "summary": "The broker's OAuth Client ID Metadata Document (its URL is the client_id; no bearer key)",
+        "security": _OPEN,
+        "responses": {"200": {"description": "client metadata (RFC 7591 fields)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": {"description": "PUBLIC_URL is not https (nor loopback)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
     }},
     "/v1/users/{user_id}/credentials": {"get": {
         "summary": "Every configured server with the user's credential status; no secrets",

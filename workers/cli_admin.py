@@ -291,6 +291,39 @@ def cmd_servers_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_servers_discover(args: argparse.Namespace) -> int:
+    """Follow a server URL to its authorization server and print what was found (no secret, no registration)."""
+    from broker.oauth.client import OAuthClient
+    from broker.oauth.sender import TokenEndpointSender, make_http_client
+    from broker.server_config import check_url
+    from broker.settings import load_settings
+
+    check_url(args.url, "servers discover", "URL", https=True)
+    settings = load_settings()
+    with make_http_client(settings) as http:
+        found = OAuthClient(TokenEndpointSender.from_settings(settings, http)).discover(args.url)
+    if args.json:
+        emit_json(found.to_dict())
+        return 0
+    identify = ("client ID metadata document (needs an https PUBLIC_URL), else dynamic registration"
+                if found.client_id_metadata_document_supported
+                else "dynamic registration" if found.registration_endpoint else "none (no registration endpoint)")
+    table([
+        ("resource", found.resource),
+        ("resource metadata", found.resource_metadata_url),
+        ("authorization server", found.issuer),
+        ("authorization_endpoint", found.authorization_endpoint),
+        ("token_endpoint", found.token_endpoint),
+        ("registration_endpoint", found.registration_endpoint or "-"),
+        ("revocation_endpoint", found.revocation_endpoint or "-"),
+        ("PKCE", " ".join(found.code_challenge_methods)),
+        ("scopes", " ".join(found.scopes_supported) or "-"),
+        ("client identification", identify),
+    ], ["FIELD", "VALUE"])
+    print(f"add it with:\n  - name: NAME\n    url: {found.resource}\n    discover: mcp")
+    return 0
+
+
 # -- registration -----------------------------------------------------------------------------
 
 
@@ -358,7 +391,7 @@ def register(sub: Any) -> None:
         Work with the servers file (CREDBROKER_SERVERS_FILE: YAML, JSON, or
         mcpproxy-style `mcpServers` JSON).
         """, "credbroker servers check servers.yaml")
-    ssub = servers.add_subparsers(dest="servers_command", metavar="{check,status}", required=True)
+    ssub = servers.add_subparsers(dest="servers_command", metavar="{check,discover,status}", required=True)
     p = add_command(ssub, "check", "validate a servers file", """
         Load and validate a servers file exactly as the broker would, and list
         each server's name, mode, key (short) and URL. Exit status 2 with the
@@ -370,6 +403,15 @@ def register(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="the servers file to check")
     p.add_argument("--json", action="store_true", help="print the servers as JSON (full keys)")
     p.set_defaults(handler=cmd_servers_check)
+    p = add_command(ssub, "discover", "follow an MCP server URL to its authorization server", """
+        Probe the URL unauthenticated and follow its WWW-Authenticate /
+        RFC 9728 protected resource metadata to the authorization server's
+        RFC 8414 metadata; print what was found. Registers nothing, prints
+        no secret. Exit status 1 with the reason when discovery fails.
+        """, "credbroker servers discover https://mcp.example.com/mcp")
+    p.add_argument("url", metavar="URL", help="the MCP server URL")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_servers_discover)
 
     p = add_command(ssub, "status", "circuit breaker and in-flight calls per server", """
         Show each configured server's circuit breaker (closed, open with the

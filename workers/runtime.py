@@ -30,6 +30,8 @@ from broker.resolver import Resolver
 from broker.servers import Mode, ServerRegistry, servers_from_settings
 from broker.settings import Settings, load_settings
 from broker.state import BIND_SUFFIX, RedisStateStore, state_key
+from broker.oauth.mcp_discovery import client_metadata_url
+from broker.registrations import RegistrationStore
 from broker.store import CredentialStore
 
 from .auditstream import StreamAuditSink
@@ -98,7 +100,10 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     http = make_http_client(settings)
     oauth = OAuthClient(TokenEndpointSender.from_settings(settings, http), MetadataCache(clock=clock), clock,
                         on_call=lambda grant, result: cluster_incr(client, "credbroker_provider_calls_total",
-                                                                   grant=grant, result=result))
+                                                                   grant=grant, result=result),
+                        registrations=RegistrationStore(store.engine, settings.keyring, clock=clock),
+                        redirect_uri=settings.callback_url,
+                        client_metadata_url=client_metadata_url(settings.public_url))
     audit = StreamAuditSink(client)
     connect = None
     if internal is not None:

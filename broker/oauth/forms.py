@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigError
@@ -32,6 +32,10 @@ __all__ = [
     "authorization_code_request",
     "refresh_request",
     "revocation_request",
+    "id_jag_request",
+    "id_jag_grant_request",
+    "ID_JAG_TOKEN_TYPE",
+    "ID_TOKEN_TYPE",
     "authorize_url",
     "basic_authorization",
 ]
@@ -41,6 +45,8 @@ GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_AUTHORIZATION_CODE = "authorization_code"
 GRANT_REFRESH_TOKEN = "refresh_token"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
+ID_JAG_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id-jag"
 
 # Given the server's latest DPoP nonce (or None), a fresh proof for this request.
 Proof = Callable[[str | None], str]
@@ -73,6 +79,10 @@ class TokenRequest:
         grant_type = self.form.get("grant_type")
         if grant_type is None:
             return "revocation" if "token" in self.form else "unknown"
+        if grant_type == GRANT_JWT_BEARER and "requested_token_use" not in self.form:
+            return "jwt_bearer"  # SEP-990 leg 2, not Entra OBO
+        if self.form.get("requested_token_type") == ID_JAG_TOKEN_TYPE:
+            return "id_jag"  # SEP-990 leg 1
         return _GRANT_LABELS.get(grant_type, "other")
 
     @property
@@ -189,6 +199,41 @@ def obo_request(cfg: AuthBrokerConfig, assertion: Secret, *, now: float | None =
         "assertion": assertion.reveal(),
         "requested_token_use": "on_behalf_of",
     }
+    if cfg.scopes:
+        form["scope"] = " ".join(cfg.scopes)
+    return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)
+
+
+def id_jag_request(cfg: AuthBrokerConfig, subject_token: Secret, *, now: float | None = None) -> TokenRequest:
+    """SEP-990 leg 1: RFC 8693 exchange at the enterprise IdP for an ID-JAG.
+
+    ``audience`` is the upstream authorization server's issuer, ``resource``
+    the upstream; the IdP client (``idp_client_id``/``idp_client_secret``)
+    authenticates, never the upstream client.
+    """
+    form = {
+        "grant_type": GRANT_TOKEN_EXCHANGE,
+        "requested_token_type": ID_JAG_TOKEN_TYPE,
+        "subject_token": subject_token.reveal(),
+        "subject_token_type": ID_TOKEN_TYPE,
+        "audience": _require(cfg.audience or cfg.issuer, "issuer"),
+    }
+    if cfg.resource:
+        form["resource"] = cfg.resource
+    if cfg.scopes:
+        form["scope"] = " ".join(cfg.scopes)
+    # The IdP client authenticates by its secret (or not at all); no DPoP toward the IdP.
+    idp = replace(cfg, client_id=cfg.idp_client_id, client_secret=cfg.idp_client_secret,
+                  client_auth=ClientAuth.CLIENT_SECRET_POST, client_assertion_key=None)
+    return _token_request(idp, _require(cfg.idp_token_endpoint, "idp_token_endpoint"), form, now)
+
+
+def id_jag_grant_request(cfg: AuthBrokerConfig, id_jag: Secret, *, now: float | None = None,
+                         proof: Proof | None = None) -> TokenRequest:
+    """SEP-990 leg 2: the RFC 7523 jwt-bearer grant with the ID-JAG at the upstream AS."""
+    form = {"grant_type": GRANT_JWT_BEARER, "assertion": id_jag.reveal()}
+    if cfg.resource:
+        form["resource"] = cfg.resource
     if cfg.scopes:
         form["scope"] = " ".join(cfg.scopes)
     return _token_request(cfg, _require(cfg.token_endpoint, "token_endpoint"), form, now, proof)

@@ -203,13 +203,19 @@ class TokenEndpointSender:
         host = urlsplit(url).hostname or ""
         return self._with_retries(lambda: self._once("GET", url, None, {}), host, "discovery")
 
+    def post_json(self, url: str, body: Mapping[str, object]) -> Response:
+        """POST a JSON document (RFC 7591 registration); any non-retryable status is returned."""
+        host = urlsplit(url).hostname or ""
+        return self._with_retries(lambda: self._once("POST", url, None, {}, json_body=body), host, "registration")
+
     def _once(
-        self, method: str, url: str, form: Mapping[str, str] | None, headers: Mapping[str, str]
+        self, method: str, url: str, form: Mapping[str, str] | None, headers: Mapping[str, str],
+        json_body: Mapping[str, object] | None = None,
     ) -> Response:
         # identity: a token response is tiny, and compression only adds bomb risk.
         all_headers = {"Accept-Encoding": "identity", **headers}
         try:
-            with self._http.stream(method, url, data=form, headers=all_headers) as response:
+            with self._http.stream(method, url, data=form, json=json_body, headers=all_headers) as response:
                 body = _read_capped(response)
                 return response.status_code, {k.lower(): v for k, v in response.headers.items()}, body
         except (httpx.ConnectTimeout, httpx.PoolTimeout):

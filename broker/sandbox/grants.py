@@ -35,6 +35,8 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 _TOKEN_TYPES = frozenset({ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE})
+ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
+ID_JAG_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id-jag"
 # PKCE protects the code, and a refresh token is bound to its client: public clients may use these.
 _PUBLIC_GRANTS = frozenset({"authorization_code", "refresh_token", "password"})
 
@@ -88,6 +90,8 @@ def _bearer(provider: SandboxProvider, access_token: str, scope: str, client_id:
 
 
 def _token_exchange(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
+    if form.get("requested_token_type") == ID_JAG_TOKEN_TYPE:
+        return _id_jag(provider, client_id, form)
     subject_token = _required(form, "subject_token")
     if _required(form, "subject_token_type") not in _TOKEN_TYPES:
         raise OAuthError("invalid_request", "unsupported subject_token_type")
@@ -101,6 +105,53 @@ def _token_exchange(provider: SandboxProvider, client_id: str, form: Form) -> di
     token = provider.mint_access_token(sub=claims["sub"], aud=aud, scope=scope, client_id=client_id)
     provider.count_grant("token_exchange", claims["sub"])
     return {**_bearer(provider, token, scope, client_id), "issued_token_type": requested}
+
+
+def _id_jag(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
+    """SEP-990 leg 1: the IdP exchanges the user's token for an ID-JAG for ``audience``."""
+    subject_token = _required(form, "subject_token")
+    if _required(form, "subject_token_type") not in (ID_TOKEN_TYPE, *_TOKEN_TYPES):
+        raise OAuthError("invalid_request", "unsupported subject_token_type")
+    audiences = [str(a) for a in form.getlist("audience")]
+    if len(audiences) != 1:
+        raise OAuthError("invalid_request", "an ID-JAG needs exactly one audience (the upstream issuer)")
+    resources = _resources(form)
+    claims = subject_claims(provider, subject_token)
+    scope = str(form.get("scope") or "")
+    jag = provider.mint_id_jag(sub=claims["sub"], aud=audiences[0], resource=resources[0] if resources else None,
+                               scope=scope, client_id=client_id)
+    provider.count_grant("id_jag", claims["sub"])
+    return {"access_token": jag, "token_type": "N_A", "expires_in": 300, "scope": scope,
+            "issued_token_type": ID_JAG_TOKEN_TYPE}
+
+
+def _id_jag_grant(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
+    """SEP-990 leg 2: RFC 7523 jwt-bearer with an ID-JAG whose ``aud`` is this issuer."""
+    try:
+        claims = provider.decode_token(_required(form, "assertion"))
+    except JWTError as exc:
+        raise OAuthError("invalid_grant", "assertion is not a valid ID-JAG") from exc
+    if claims.get("token_use") != "id_jag":  # neither OBO (no requested_token_use) nor SEP-990
+        raise OAuthError("invalid_request", "requested_token_use must be on_behalf_of, or the assertion an ID-JAG")
+    if str(claims.get("aud", "")).rstrip("/") != provider.issuer.rstrip("/"):
+        raise OAuthError("invalid_grant", "ID-JAG audience is not this authorization server")
+    if claims.get("exp", 0) <= provider.now():
+        raise OAuthError("invalid_grant", "ID-JAG expired")
+    if claims["jti"] in provider.used_assertion_jtis:
+        raise OAuthError("invalid_grant", "ID-JAG already used")
+    provider.used_assertion_jtis.add(claims["jti"])
+    resource = claims.get("resource")
+    token = provider.mint_access_token(sub=claims["sub"], aud=[resource or client_id], scope=claims.get("scope", ""),
+                                       client_id=client_id)
+    provider.count_grant("id_jag_grant", claims["sub"])
+    return _bearer(provider, token, str(claims.get("scope", "")), client_id)
+
+
+def _jwt_bearer(provider: SandboxProvider, client_id: str, form: Form) -> dict[str, Any]:
+    """Entra OBO when ``requested_token_use`` says so, else the SEP-990 ID-JAG grant."""
+    if form.get("requested_token_use") is None:
+        return _id_jag_grant(provider, client_id, form)
+    return _on_behalf_of(provider, client_id, form)
 
 
 def _obo_audience(scope: str, client_id: str) -> list[str]:
@@ -220,7 +271,7 @@ def _password(provider: SandboxProvider, client_id: str, form: Form) -> dict[str
 
 _GRANTS: dict[str, Grant] = {
     TOKEN_EXCHANGE: _token_exchange,
-    JWT_BEARER: _on_behalf_of,
+    JWT_BEARER: _jwt_bearer,
     "authorization_code": _authorization_code,
     "refresh_token": _refresh_token,
     "password": _password,

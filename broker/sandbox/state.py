@@ -25,7 +25,7 @@ DEFAULT_CLIENTS: dict[str, str | None] = {
     "broker-client": "sandbox-client-secret-s3cr3t",
     "public-client": None,
 }
-GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password")
+GRANT_NAMES = ("token_exchange", "obo", "authorization_code", "refresh_token", "password", "id_jag", "id_jag_grant")
 _CONFIGURABLE = ("access_token_ttl", "rotate_refresh_tokens", "clock_skew", "clients", "refresh_reuse_grace",
                  "client_profiles", "grantable_scopes", "revoke_family", "client_jwks", "dpop_nonce",
                  "resource_dpop_nonce", "refresh_idle_seconds")
@@ -146,6 +146,7 @@ class SandboxProvider:
             self._by_user: dict[str, dict[str, int]] = {}
             self._errors: dict[str, int] = {}
             self._revocations = 0
+            self.used_assertion_jtis: set[str] = set()  # ID-JAGs already redeemed (replay)
             self._reuse_detected = 0
             self._grace_reuses = 0
             self._refresh_rotations = 0
@@ -229,6 +230,17 @@ class SandboxProvider:
             if family_id is not None:
                 self.store.families[family_id].access_jtis.add(claims["jti"])
             return jwt.encode(claims, self._key)
+
+    def mint_id_jag(self, *, sub: str, aud: str, resource: str | None, scope: str, client_id: str,
+                    ttl: int = 300) -> str:
+        """An Identity Assertion JWT Authorization Grant (SEP-990 leg 1), for ``aud``'s AS."""
+        now = int(self.now())
+        claims: dict[str, Any] = {"iss": self._issuer(), "sub": sub, "aud": aud, "client_id": client_id,
+                                  "scope": scope, "iat": now, "exp": now + ttl, "jti": secrets.token_hex(16),
+                                  "token_use": "id_jag"}
+        if resource:
+            claims["resource"] = resource
+        return jwt.encode(claims, self._key)
 
     def decode_token(self, token: str) -> dict[str, Any]:
         """Claims of a JWT this provider signed; raises :class:`jwt.JWTError` otherwise."""
