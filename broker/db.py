@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Engine,
@@ -29,7 +30,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["metadata", "credentials", "subject_tokens", "audit_events", "make_engine", "UTCDateTime", "db_now"]
+__all__ = ["metadata", "credentials", "subject_tokens", "audit_events", "connection_events", "event_cursors",
+           "webhook_deliveries", "make_engine", "UTCDateTime", "db_now"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -109,6 +111,8 @@ credentials = Table(
     Column("failure_count", Integer, nullable=False, default=0, server_default="0"),
     # When an idle refresh token must be exercised before it dies of disuse.
     Column("keepalive_at", UTCDateTime, nullable=True),
+    # The status last announced as a connection event (broker.events).
+    Column("announced_status", String(24), nullable=True),
     Index("ix_credentials_expires_at", "expires_at"),
     # The beat's due scan: refresh point reached, most recent first filter.
     Index("ix_credentials_refresh_at", "refresh_at"),
@@ -146,6 +150,48 @@ audit_events = Table(
     Index("ix_audit_ts", "ts"),
     Index("ix_audit_user_ts", "user_id", "ts"),
     Index("ix_audit_server_ts", "server", "ts"),
+)
+
+
+# Connection lifecycle events: the outbox, written in the transaction that
+# changed the credential's status; read oldest first by id.
+_EventId = BigInteger().with_variant(Integer, "sqlite")
+
+connection_events = Table(
+    "connection_events",
+    metadata,
+    Column("id", _EventId, primary_key=True, autoincrement=True),
+    Column("type", String(40), nullable=False),
+    Column("user_id", String(256), nullable=False),
+    Column("server_key", String(64), nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("reason", String(64), nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_connection_events_user", "user_id", "id"),
+)
+
+# How far each outbox consumer (the webhook dispatcher) has read.
+event_cursors = Table(
+    "event_cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+)
+
+# One row per webhook delivery attempt; outcome "dead" after the last one.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", _EventId, primary_key=True, autoincrement=True),
+    Column("event_id", BigInteger, nullable=False),
+    Column("endpoint", String(300), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", String(64), nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_webhook_deliveries_event", "event_id", "endpoint"),
+    Index("ix_webhook_deliveries_outcome", "outcome", "at"),
 )
 
 

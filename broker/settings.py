@@ -85,7 +85,7 @@ class Settings:
     visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
     # Capacity and per-server protection (workers/upstream_guard.py, the beat's scan budget).
-    worker_slots: int = 8  # the cluster's worker slots (sum of --concurrency), an estimate
+    worker_slots: int = 64  # the cluster's worker slots (sum of --concurrency; one default worker: 64), an estimate
     server_max_concurrency: int = 0  # per server; 0 = half of worker_slots, at least 1
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 30.0
@@ -97,6 +97,12 @@ class Settings:
     log_level: str = "INFO"
     flower_basic_auth: Secret | None = None
     state_dir: Path = Path(".credbroker")
+    # Connection lifecycle webhooks (Standard Webhooks); repr=False: URLs may hold tokens.
+    webhook_urls: tuple[str, ...] = field(default=(), repr=False)
+    webhook_secret: Secret | None = None
+    webhook_max_attempts: int = 8
+    webhook_timeout: float = 5.0
+    webhook_retry_seconds: float = 1.0
 
     @property
     def store_enabled(self) -> bool:
@@ -166,6 +172,11 @@ SETTING_NAMES: dict[str, str] = {
     "LOG_LEVEL": "log_level",
     "FLOWER_BASIC_AUTH": "flower_basic_auth",
     "STATE_DIR": "state_dir",
+    "WEBHOOK_URLS": "webhook_urls",
+    "WEBHOOK_SECRET": "webhook_secret",
+    "WEBHOOK_MAX_ATTEMPTS": "webhook_max_attempts",
+    "WEBHOOK_TIMEOUT": "webhook_timeout",
+    "WEBHOOK_RETRY_SECONDS": "webhook_retry_seconds",
 }
 
 
@@ -203,6 +214,21 @@ def _database_url(value: str) -> str:
     if value.startswith("postgresql://"):
         value = "postgresql+psycopg://" + value[len("postgresql://") :]
     return value
+
+
+def _webhook_secret(value: str) -> Secret:
+    """A Standard Webhooks signing secret: ``whsec_`` and base64 of 24-64 bytes."""
+    import base64
+    import binascii
+
+    body = value[len("whsec_"):] if value.startswith("whsec_") else ""
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not 24 <= len(raw) <= 64:
+        raise ConfigError(f"{PREFIX}WEBHOOK_SECRET: expected whsec_ followed by base64 of 24 to 64 random bytes")
+    return Secret(value)
 
 
 def load_settings(
@@ -246,6 +272,10 @@ def load_settings(
             if ":" not in value:
                 raise ConfigError(f"{PREFIX}POLICY: expected package.module:object")
             values[attr] = value
+        elif name == "WEBHOOK_URLS":
+            values[attr] = tuple(_url(name, u.strip(), ("http", "https")) for u in value.split(",") if u.strip())
+        elif name == "WEBHOOK_SECRET":
+            values[attr] = _webhook_secret(value)
         elif name == "REFRESH_FRACTION":
             fraction = _number(name, value, float, 0.05)
             if fraction > 1.0:

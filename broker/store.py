@@ -29,6 +29,7 @@ from .db import credentials as T
 from .db import db_now
 from .db import subject_tokens as S
 from .errors import ServiceUnavailable, StoreDisabled
+from .events import announce, announce_removed
 from .lease import LeaseTake
 from .models import Credential, CredentialStatus, ObtainedVia, StoredCredential, SubjectToken, refresh_point
 from .secret import Secret
@@ -254,6 +255,7 @@ class CredentialStore:
                 if result.rowcount != 1:
                     return None
                 new_version = expected_version + 1
+            announce(conn, user_id, server_key, now, created=status.value if expected_version is None else None)
         return StoredCredential(user_id, server_key, credential, status, new_version, now,
                                 last_used_at=last_used_at, refresh_at=values["refresh_at"], failure=failure,
                                 keepalive_at=values["keepalive_at"])
@@ -292,6 +294,7 @@ class CredentialStore:
             result = conn.execute(
                 update(T).where(and_(*cond)).values(status=status.value, failure=failure, updated_at=self.clock.now())
             )
+            announce(conn, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     # -- the lease fence (see broker.lease) ------------------------------------
@@ -364,6 +367,8 @@ class CredentialStore:
                 update(T).where(and_(T.c.user_id == user_id, T.c.server_key == server_key,
                                      T.c.version == expected_version)).values(**values)
             )
+            if status is not None and result.rowcount == 1:
+                announce(conn, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     @_guarded
@@ -402,13 +407,17 @@ class CredentialStore:
             cond.append(T.c.lease_owner == lease_owner)
         with self.engine.begin() as conn:
             result = conn.execute(delete(T).where(and_(*cond)))
+            announce_removed(conn, result.rowcount, user_id, server_key, self.clock.now())
         return result.rowcount == 1
 
     @_guarded
     def delete_user(self, user_id: str) -> int:
         """Every credential row of the user, readable or not (erasure); returns how many."""
         with self.engine.begin() as conn:
-            return int(conn.execute(delete(T).where(T.c.user_id == user_id)).rowcount)
+            keys = conn.execute(delete(T).where(T.c.user_id == user_id).returning(T.c.server_key)).scalars().all()
+            for key in keys:
+                announce_removed(conn, 1, user_id, key, self.clock.now())
+            return len(keys)
 
     @_guarded
     def list(self, user_id: str) -> list[StoredCredential]:

@@ -87,7 +87,7 @@ def engine(request: pytest.FixtureRequest, tmp_path):  # type: ignore[no-untyped
             missing_service("PostgreSQL at 127.0.0.1:5432")
         eng = make_engine(url)
         with eng.begin() as conn:
-            conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events RESTART IDENTITY"))
+            conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events, connection_events, event_cursors, webhook_deliveries RESTART IDENTITY"))
     yield eng
     eng.dispose()
 

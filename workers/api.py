@@ -47,6 +47,7 @@ from broker.oauth.mcp_discovery import CLIENT_METADATA_PATH, client_metadata_doc
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
+from . import api_events
 from .api_connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
 from .api_edge import REQUEST_ID_KEY, Edge, broker_error, http_error
 from .api_edge import json_body as _json_body
@@ -59,6 +60,7 @@ from .api_input import (
     parse_timeout,
     parse_token,
 )
+from .api_events import warm_for
 from .api_openapi import OPENAPI
 from .client import BrokerClient
 from .constants import cache_key
@@ -161,11 +163,16 @@ async def put_subject_token(request: Request) -> Response:
     api = _api(request)
     user_id = validate_user_id(request.path_params["user_id"])
     body = await _json_body(request)
-    check_fields(body, ("token",), ("expires_at",))
+    check_fields(body, ("token",), ("expires_at", "warm"))
     token = parse_token(body["token"])
     expires_at = None if body.get("expires_at") is None else parse_instant(body["expires_at"], "expires_at")
+    warm = body.get("warm", False)
+    if not isinstance(warm, bool):
+        raise InvalidRequest("warm: must be true or false")
     await run_in_threadpool(api.rt.store.put_subject_token, user_id, SubjectToken(token, expires_at))
     api.record(Action.SUBJECT_TOKEN, Outcome.SUCCESS, user_id, None, "subject_token", None, _rid(request))
+    if warm:  # sign-in: mint every exchange/OBO credential now, without waiting
+        await run_in_threadpool(partial(warm_for, api, user_id, None, _rid(request), exchange_only=True))
     return Response(status_code=204)
 
 
@@ -338,6 +345,8 @@ ROUTES = [
     Route("/v1/users/{user_id:userid}/credentials/{server}", delete_credential, methods=["DELETE"]),
     Route("/v1/users/{user_id:userid}", erase, methods=["DELETE"]),
     Route("/v1/audit", audit, methods=["GET"]),
+    Route("/v1/warm", api_events.warm, methods=["POST"]),
+    Route("/v1/events", api_events.events, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -70,7 +70,8 @@ SCHEMAS: dict[str, Any] = {
     "SubjectTokenRequest": {
         "type": "object", "additionalProperties": False, "required": ["token"],
         "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 32768},
-                       "expires_at": {"oneOf": [_INSTANT, {"type": "null"}]}},
+                       "expires_at": {"oneOf": [_INSTANT, {"type": "null"}]},
+                       "warm": {"type": "boolean", "description": "also warm every token_exchange/entra_obo server"}},
     },
     "ResolveRequest": {
         "type": "object", "additionalProperties": False, "required": ["user_id", "server"],
@@ -269,6 +270,57 @@ PATHS: dict[str, Any] = {
     "/openapi.json": {"get": {"summary": "This document", "security": _OPEN,
                               "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
 }
+
+SCHEMAS.update({
+    "WarmRequest": {
+        "type": "object", "additionalProperties": False, "required": ["user_id"],
+        "properties": {"user_id": _ref("UserId"),
+                       "servers": {"type": "array", "items": _ref("ServerName"), "maxItems": 256,
+                                   "description": "omitted: every configured server"}},
+    },
+    "WarmResult": {
+        "type": "object",
+        "properties": {"queued": {"type": "array", "items": {"type": "string"}},
+                       "skipped": {"type": "array", "items": {
+                           "type": "object", "properties": {
+                               "server": {"type": "string"},
+                               "reason": {"type": "string", "enum": ["never_connected", "needs_reconnect",
+                                                                     "subject_token_missing", "policy_denied"]}}}}},
+    },
+    "ConnectionEvent": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "type": {"type": "string", "enum": ["connection.connected", "connection.degraded", "connection.recovered",
+                                                "connection.needs_reconnect", "connection.disconnected",
+                                                "connection.expired"]},
+            "user_id": {"type": "string"}, "server": {"type": "string"}, "status": {"type": "string"},
+            "reason": {"type": ["string", "null"]}, "at": {"type": "string", "format": "date-time"},
+        },
+    },
+})
+PATHS.update({
+    "/v1/warm": {"post": {
+        "summary": "Warm a user's credentials now (ordinary flights; returns without waiting)",
+        "parameters": [_REQUEST_ID],
+        "requestBody": _body("WarmRequest"),
+        "responses": {"202": _json("Flights queued; skipped servers with the reason", _ref("WarmResult")),
+                      "404": _error("Server not configured", "unknown_server"), **_COMMON},
+    }},
+    "/v1/events": {"get": {
+        "summary": "Connection lifecycle events after a cursor, oldest first",
+        "parameters": [
+            {"name": "after", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+             "description": "the `next` of the previous page; omitted: from the start"},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                        "default": 100}},
+            _REQUEST_ID,
+        ],
+        "responses": {"200": _json("A page of events", {
+            "type": "object", "properties": {"events": {"type": "array", "items": _ref("ConnectionEvent")},
+                                             "next": {"type": "string"}}}), **_COMMON},
+    }},
+})
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",

@@ -23,7 +23,8 @@ from broker.settings import Settings, load_settings
 from .tracing import connect_worker_signals
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
-           "TASK_PRUNE_AUDIT", "QUEUE", "REFRESH_QUEUE", "QUEUES"]
+           "TASK_PRUNE_AUDIT", "QUEUE", "REFRESH_QUEUE", "QUEUES", "TASK_WARM", "TASK_WARM_USER",
+           "TASK_DELIVER_WEBHOOK"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
@@ -32,6 +33,10 @@ TASK_PERSIST_AUDIT = "broker.persist_audit"
 TASK_PRUNE_AUDIT = "broker.prune_audit"
 # Audit retention runs often enough that each run deletes little (bounded batches).
 PRUNE_AUDIT_SECONDS = 600
+# Pre-warming and event delivery (workers.tasks_events).
+TASK_WARM = "broker.warm"
+TASK_WARM_USER = "broker.warm_user"
+TASK_DELIVER_WEBHOOK = "broker.deliver_webhook"
 QUEUE = "credbroker"
 REFRESH_QUEUE = QUEUE + ".refresh"
 # What a worker consumes by default, in the order it serves them.
@@ -66,14 +71,15 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         timezone="UTC",
+        # Audit moves, expiry events and webhook dispatch run on each worker's
+        # housekeeping timer (workers.tasks_events), not as a task per second.
         beat_schedule={
             "refresh-due": {"task": TASK_REFRESH_DUE, "schedule": timedelta(seconds=settings.refresh_scan_seconds)},
-            "persist-audit": {"task": TASK_PERSIST_AUDIT, "schedule": timedelta(seconds=1)},
             "prune-audit": {"task": TASK_PRUNE_AUDIT, "schedule": timedelta(seconds=PRUNE_AUDIT_SECONDS)},
         },
     )
     if main:
-        app.conf.imports = ["workers.tasks", "workers.retention"]
+        app.conf.imports = ["workers.tasks", "workers.retention", "workers.tasks_events"]
     return app
 
 

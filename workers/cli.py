@@ -17,13 +17,13 @@ import redis
 
 from broker.errors import BrokerError, ConfigError, InvalidRequest, UnknownServer
 
-from . import cli_admin, cli_procs, cli_up, cli_users
+from . import cli_admin, cli_events, cli_procs, cli_up, cli_users
 from .cli_common import NEEDS_NO_SETTINGS, UsageError, check_required
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = ("up", "api", "worker", "beat", "flower", "keygen", "rotate-keys", "resolve", "credentials", "audit",
-            "db", "servers", "users")
+            "db", "servers", "users", "warm", "events")
 # Errors that mean "the command line or the configuration is wrong" (exit 2).
 _USAGE_ERRORS = (ConfigError, InvalidRequest, UnknownServer, UsageError)
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_procs.register(sub)
     cli_admin.register(sub)
     cli_users.register(sub)
+    cli_events.register(sub)
     return parser
 
 

@@ -23,6 +23,12 @@ from .cli_common import add_command, configure_logging, environment, port_number
 __all__ = ["register", "celery_argv", "worker_argv", "beat_argv", "flower_command", "POOLS"]
 
 POOLS = ("prefork", "threads", "solo")
+# Flights wait on the provider, not the CPU: a thread pool sized for waiting
+# (about target flights/s x provider latency, with headroom) is the default.
+# The database, Redis and HTTP pools of a worker process are sized to match
+# (broker.db.make_engine, workers.runtime, broker.oauth.sender).
+DEFAULT_POOL = "threads"
+DEFAULT_THREADS = 64
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The broker's queues (workers.celery_app.QUEUES), without importing Celery here:
 # interactive resolves first, then the beat's refreshes.
@@ -75,8 +81,9 @@ def worker_argv(args: argparse.Namespace, s: Settings) -> list[str]:
                        f"--queues={','.join(_queues(args))}", f"--hostname={args.hostname}",
                        # No broadcast chatter between workers: nothing here uses it.
                        "--without-gossip", "--without-mingle", quiet=getattr(args, "quiet", False))
-    if args.concurrency:
-        argv.append(f"--concurrency={args.concurrency}")
+    concurrency = args.concurrency or (DEFAULT_THREADS if args.pool == "threads" else None)
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
     return argv
 
 
@@ -169,12 +176,14 @@ def register(sub: Any) -> None:
         """, """
         credbroker worker
         credbroker worker --concurrency 8
-        credbroker worker --pool threads --concurrency 32 --loglevel debug
-        credbroker worker --queues refresh --concurrency 4   # a dedicated refresh worker
+        credbroker worker --concurrency 128 --loglevel debug
+        credbroker worker --pool prefork --concurrency 4
+        credbroker worker --queues refresh --concurrency 16   # a dedicated refresh worker
         """)
     p.add_argument("--concurrency", "-c", type=positive_int, metavar="N",
-                   help="pool processes or threads (default: number of CPUs)")
-    p.add_argument("--pool", "-P", choices=POOLS, default="prefork", help="execution pool (default prefork)")
+                   help=f"pool threads or processes (default {DEFAULT_THREADS} threads; prefork: number of CPUs)")
+    p.add_argument("--pool", "-P", choices=POOLS, default=DEFAULT_POOL,
+                   help=f"execution pool (default {DEFAULT_POOL}: flights are I/O-bound)")
     p.add_argument("--loglevel", "-l", type=_level, metavar="LEVEL", help="default CREDBROKER_LOG_LEVEL")
     p.add_argument("--queues", "-Q", type=_queue_list, metavar="LIST",
                    help="queues to consume: resolve, refresh or both (default resolve,refresh; resolves are "

@@ -160,8 +160,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             auth, _ = embedded.secret_file(folder / "flower-basic-auth", lambda: "admin:" + secrets.token_urlsafe(18))
             overrides[PREFIX + "FLOWER_BASIC_AUTH"] = auth
         if not values.get(PREFIX + "WORKER_SLOTS"):
-            # One worker of --workers processes: the per-server limit and the scan budget size from it.
-            overrides[PREFIX + "WORKER_SLOTS"] = str(args.workers)
+            # One worker of --workers threads: the per-server limit and the scan budget size from it.
+            from .cli_procs import DEFAULT_THREADS
+
+            overrides[PREFIX + "WORKER_SLOTS"] = str(args.workers or DEFAULT_THREADS)
         env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1"}
         settings = load_settings(env)
 
@@ -181,7 +183,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # No Celery banners: 35 lines that would scroll the demo's instructions away.
         quiet.append("--quiet")
         sup.spawn("api", [*cli, "api", "--host", args.host, "--port", str(args.port)], env)
-        sup.spawn("worker", [*cli, "worker", "--concurrency", str(args.workers), *quiet], env)
+        threads = ["--concurrency", str(args.workers)] if args.workers else []
+        sup.spawn("worker", [*cli, "worker", *threads, *quiet], env)
         sup.spawn("beat", [*cli, "beat", *quiet], env)
         if args.flower:
             sup.spawn("flower", [*cli, "flower", "--port", str(args.flower_port)], env)
@@ -244,12 +247,12 @@ def register(sub: Any) -> None:
         """, """
         credbroker up
         credbroker up --demo
-        credbroker up --host 0.0.0.0 --port 9000 --workers 4 --flower
+        credbroker up --host 0.0.0.0 --port 9000 --workers 128 --flower
         """)
     p.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8080, help="API port (default 8080)")
-    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
-                   help="worker pool processes of the one worker (default 2)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="worker threads of the one worker (default 64: flights wait on the provider)")
     p.add_argument("--flower", action="store_true", help="also run Flower (basic auth; generated if not set)")
     p.add_argument("--flower-port", type=port_number, default=5555, metavar="PORT", help="Flower port (default 5555)")
     p.add_argument("--demo", action="store_true", help="also run the sandbox provider with demo servers")

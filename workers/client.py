@@ -37,6 +37,7 @@ from .diagnose import explain_timeout
 from .embedded import session_environment
 from .flight import Claims, ResultWaiter, new_task_id
 from .metrics import METRICS
+from .outcomes import flight_result
 from .runtime import redis_client
 from .wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
 
@@ -139,6 +140,32 @@ class BrokerClient:
         METRICS.inc("credbroker_resolves_total", outcome="ok", path=path)
         METRICS.observe("credbroker_resolve_seconds", time.perf_counter() - started, path=path)
         return resolved
+
+    def warm(self, user_id: str, servers: list[str] | None = None, timeout: float | None = None) -> list[str]:
+        """Warm the user's credentials (every configured server, or ``servers``)
+        and return the servers queued; returns once the flights are started, not
+        finished. Skipped servers (never connected, no subject token, policy)
+        are left out; ``POST /v1/warm`` also says why."""
+        from .celery_app import TASK_WARM_USER
+
+        validate_user_id(user_id)
+        if servers is not None:
+            servers = [self.servers.get_server(validate_server_name(s)).name for s in servers]
+        task_id = new_task_id()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
+        try:
+            self.celery.send_task(TASK_WARM_USER, args=[user_id, servers], task_id=task_id)
+            meta = self.waiter.wait(task_id, deadline, lambda: True)
+        except (redis.RedisError, KombuOperationalError, OSError):
+            raise ServiceUnavailable("Redis unavailable") from None
+        if meta is None:
+            raise ResolveTimeout()
+        result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+        if not isinstance(result, dict):
+            raise ServiceUnavailable("the warm request failed; check the workers")
+        if "error" in result:
+            raise error_from_dict(result["error"])
+        return [str(s) for s in result.get("queued", [])]
 
     def close(self) -> None:
         self.waiter.close()
@@ -252,7 +279,7 @@ class BrokerClient:
                     if time.monotonic() >= deadline:
                         raise ResolveTimeout()
                     continue  # the flight vanished (worker lost): claim again
-                result = meta.get("result") if meta.get("status") == "SUCCESS" else None
+                result = flight_result(meta)
                 if not isinstance(result, dict) or result.get("superseded"):
                     retry(task_id)
                     continue
@@ -261,7 +288,7 @@ class BrokerClient:
                 # result did not answer this call.
                 stale_join = joined and finished_before
                 if "error" in result:
-                    if result.get("trigger") == "refresh" or stale_join:
+                    if result.get("trigger") in ("refresh", "warm") or stale_join:
                         retry(task_id)  # a background refresh failed, or an old answer: fly ourselves
                         continue
                     raise self._flight_error(result, task_id)

@@ -17,6 +17,7 @@ import redis
 
 from broker.audit import Action, Outcome, record_event
 from broker.errors import ServiceUnavailable, StoreDisabled
+from broker.events import forget_user
 
 from .constants import PENDING_CONNECT_PREFIX, USED_ZSET, cache_key, pair_id
 from .credentials import remove_credential
@@ -68,6 +69,8 @@ def erase_user(rt: Runtime, user_id: str, request_id: str | None = None) -> int:
         pipe.execute()
     except redis.RedisError:
         raise ServiceUnavailable("Redis unavailable: the user's pending links were not cleared; retry") from None
+    # Past connection events keep their place under the pseudonym, like the audit trail.
+    forget_user(rt.store.engine, user_id, pseudonym(rt, user_id))
     record_event(rt.audit, rt.clock.now(), Action.ERASE, Outcome.SUCCESS, user_id=user_id, server=None,
                  method="none", reason=pseudonym(rt, user_id), request_id=request_id)
     return removed

@@ -19,10 +19,11 @@ from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used, restore_used
-from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, app
+from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
 from .constants import BEAT_LOCK, CACHE_MAX_SECONDS, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
+from .outcomes import raise_if_failed
 from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from .runtime import Runtime, runtime
 from .upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
@@ -144,14 +145,14 @@ def _count_start() -> None:
 def resolve(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight."""
     _count_start()
-    return _run_flight(self.request.id, user_id, server, "resolve")
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve"))
 
 
 @app.task(name=TASK_REFRESH, bind=True)
 def refresh(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
     _count_start()
-    return _run_flight(self.request.id, user_id, server, "refresh")
+    return raise_if_failed(_run_flight(self.request.id, user_id, server, "refresh"))
 
 
 @app.task(name=TASK_REFRESH_DUE)
@@ -246,7 +247,7 @@ def persist_audit() -> dict[str, int]:
 @task_postrun.connect
 def _release_claim(sender: Any = None, task_id: str | None = None, args: Any = None, **_: Any) -> None:
     """The result is stored: release the pair's claim if this task still holds it."""
-    if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH) or not task_id or not args:
+    if sender is None or sender.name not in (TASK_RESOLVE, TASK_REFRESH, TASK_WARM) or not task_id or not args:
         return
     value = _executions.pop(task_id, None)
     if value is None:

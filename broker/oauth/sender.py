@@ -50,8 +50,9 @@ def make_http_client(settings: Settings, *, transport: httpx.BaseTransport | Non
             pool=settings.http_connect_timeout,
         ),
         follow_redirects=False,
-        # A worker process runs a handful of threads at most.
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30.0),
+        # A worker process runs up to ~64-128 flight threads, each holding one
+        # connection while it waits on a provider: the pool must not be the bound.
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0),
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         transport=transport,
     )

@@ -46,6 +46,6 @@ def pg_url(pg_database: str) -> str:
         missing_service("PostgreSQL at 127.0.0.1:5432")
     eng = make_engine(pg_database)
     with eng.begin() as conn:
-        conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events RESTART IDENTITY"))
+        conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events, connection_events, event_cursors, webhook_deliveries RESTART IDENTITY"))
     eng.dispose()
     return pg_database

@@ -253,7 +253,8 @@ EXPECTED_SUCCESSES = {
     "PUT /v1/users/{user_id}/subject-token": 204, "POST /v1/resolve": 200, "POST /v1/connect": 200,
     "GET /v1/users/{user_id}/credentials": 200, "DELETE /v1/users/{user_id}/credentials/{server}": 204,
     "DELETE /v1/users/{user_id}/subject-token": 204, "DELETE /v1/users/{user_id}": 204,
-    "GET /v1/audit": 200, "GET /healthz": 200, "GET /readyz": 200, "GET /metrics": 200, "GET /openapi.json": 200,
+    "GET /v1/audit": 200, "POST /v1/warm": 202, "GET /v1/events": 200, "GET /healthz": 200, "GET /readyz": 200,
+    "GET /metrics": 200, "GET /openapi.json": 200,
 }
 
 

@@ -388,9 +388,10 @@ class Up:
         def full_tree() -> dict[int, tuple[int, str]] | None:
             tree = process_tree(self.proc.pid)
             pool = [p for p, (_, line) in tree.items() if "celery" in line and " worker " in line]
-            return tree if len(pool) >= 3 and any("redis-server" in line for _, line in tree.values()) else None
+            # The default pool is threads: one worker process (prefork would add children).
+            return tree if len(pool) >= 1 and any("redis-server" in line for _, line in tree.values()) else None
 
-        return wait_for(full_tree, 60, 0.2, what="the worker's pool processes")  # type: ignore[no-any-return]
+        return wait_for(full_tree, 60, 0.2, what="the worker process")  # type: ignore[no-any-return]
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         if self.proc.poll() is None:

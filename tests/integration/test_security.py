@@ -295,7 +295,8 @@ def test_erasure_leaves_nothing_of_the_user(env: Env) -> None:
     engine = make_engine(env.cluster.settings.database_url)
     try:
         with engine.connect() as conn:
-            dump = "\n".join(repr(tuple(row)) for table in ("credentials", "subject_tokens", "audit_events")
+            dump = "\n".join(repr(tuple(row)) for table in ("credentials", "subject_tokens", "audit_events",
+                                                                           "connection_events")
                              for row in conn.execute(text(f"SELECT * FROM {table}")))
             erased = conn.execute(text("SELECT user_id FROM audit_events WHERE action = 'erase'")).scalars().all()
     finally:

@@ -6,7 +6,7 @@ the discovered endpoints (plain JSON, no secret) and the sealed client id and
 secret.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 """
 
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ from alembic import op
 from broker.db import UTCDateTime
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,193 @@
+"""Bulk warm row: ``credbroker warm``'s engine over N never-seen users against
+a slow provider, on workers with the default pool (threads, 64 each), beside
+the slot bound (workers x threads / latency) and the CPU bound (cores / CPU
+per acquisition across every process on the machine); and the cost of the
+connection-event outbox on the miss path's store write.
+
+    python -m bench.warm --users 10000 --latency-ms 200
+
+Uses its own Redis database (locked like the test clusters' dbs 1-12) and a
+scratch PostgreSQL database that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from broker.clock import utcnow
+from broker.db import make_engine
+from broker.models import Credential, ObtainedVia, SubjectToken
+from broker.secret import Secret
+
+from .cluster import BenchCluster, Sandbox, wait_for
+from .cpu import CpuMeter
+
+__all__ = ["run_bulk_warm", "event_overhead"]
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _pick_db() -> int:
+    import redis
+
+    lock = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    for n in range(12, 0, -1):
+        if lock.set(f"credbroker-test:db-lock:{n}", os.getpid(), nx=True, ex=3600):
+            return n
+    raise RuntimeError("no free Redis database among 1-12")
+
+
+def _start_workers(cluster: BenchCluster, count: int, threads: int) -> None:
+    for i in range(count):
+        name = f"w{i + 1}"
+        cluster.spawn(name, ["-m", "celery", "-A", "bench.celery_bench", "worker", "-c", str(threads), "-P",
+                             "threads", "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
+                             "--without-mingle", "--without-heartbeat", "-Q", "credbroker", "--loglevel=WARNING"])
+    for i in range(count):
+        ready = cluster.workdir / f"w{i + 1}@{socket.gethostname()}"
+        wait_for(lambda r=ready: r.exists(), 90, f"worker w{i + 1}")
+
+
+def _seed(cluster: BenchCluster, users: list[str]) -> None:
+    """Subject tokens straight into the store, in batches (the sandbox issues them)."""
+    expires = utcnow() + timedelta(days=1)
+    for user in users:
+        token = cluster.sandbox.subject_token(user, 86400)
+        cluster.store.put_subject_token(user, SubjectToken(Secret(token), expires))
+
+
+def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, window: int) -> dict[str, Any]:
+    from workers.cli_events import BulkWarm
+    from workers.runtime import build_runtime
+
+    workdir = Path(tempfile.mkdtemp(prefix="credbroker-bench-warm-"))
+    db = f"credbroker_bench_warm_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    sandbox = Sandbox(workdir, latency_ms=0)
+    redis_db = _pick_db()
+    cluster = BenchCluster(workdir, f"redis://127.0.0.1:6379/{redis_db}", sandbox,
+                           database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db)
+    try:
+        names = [f"warm-{i:05d}" for i in range(users)]
+        started = time.monotonic()
+        _seed(cluster, names)
+        seed_seconds = time.monotonic() - started
+        _start_workers(cluster, workers, threads)
+        sandbox.set_latency(latency_ms)
+        rt = build_runtime(cluster.settings)
+        meter = CpuMeter(cluster)
+        with cluster.client(connection=rt.redis, audit=rt.audit) as client:
+            bulk = BulkWarm(rt, client, window, 120)
+            meter.start()
+            started = time.monotonic()
+            for user in names:
+                bulk.user(user, ["tx"])
+            bulk.finish()
+            elapsed = time.monotonic() - started
+            cost = meter.stop(max(1, bulk.queued))
+        rt.close()
+        calls = sandbox.token_calls()
+        cores = os.cpu_count() or 1
+        return {
+            "users": users, "flights": bulk.queued, "failed": dict(bulk.failed), "seconds": elapsed,
+            "rate": bulk.queued / elapsed, "slot_bound": workers * threads / (latency_ms / 1000),
+            "cpu_ms": cost["machine"], "cpu_ms_ours": cost["ours"], "cpu_bound": cores * 1000 / cost["machine"],
+            "cpu_line": CpuMeter.describe("CPU ms per acquisition", cost), "provider_calls": calls,
+            "seed_seconds": seed_seconds, "workers": workers, "threads": threads, "window": window,
+            "latency_ms": latency_ms, "load": os.getloadavg(),
+        }
+    finally:
+        cluster.stop()
+        sandbox.stop()
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=6379, db=0).delete(f"credbroker-test:db-lock:{redis_db}")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def event_overhead(rows: int = 2000) -> dict[str, float]:
+    """Milliseconds per first-mint store write (the miss path's write) with the
+    event outbox, and with ``announce`` replaced by a no-op, on PostgreSQL."""
+    import broker.store as store_module
+    from broker.crypto import Keyring
+    from broker.migrate import upgrade
+    from broker.store import CredentialStore
+
+    db = f"credbroker_bench_ev_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    engine = make_engine(PG_ADMIN.rsplit("/", 1)[0] + "/" + db)
+    try:
+        upgrade(engine)
+        store = CredentialStore(engine, Keyring((("k", os.urandom(32)),)))
+        now = utcnow()
+        cred = Credential(Secret("x" * 800), obtained_via=ObtainedVia.TOKEN_EXCHANGE, issued_at=now,
+                          expires_at=now + timedelta(hours=1))
+        real = store_module.announce
+        timings: dict[str, list[float]] = {"with": [], "without": []}
+        cpu: dict[str, list[float]] = {"with": [], "without": []}
+        for rep in range(3):
+            for label in ("without", "with"):
+                store_module.announce = real if label == "with" else (lambda *a, **k: None)  # type: ignore[assignment]
+                started, cpu_started = time.perf_counter(), time.process_time()
+                for i in range(rows):
+                    store.compare_and_swap(f"{label}-{rep}-{i}", "k", None, cred)
+                timings[label].append(1000 * (time.perf_counter() - started) / rows)
+                cpu[label].append(1000 * (time.process_time() - cpu_started) / rows)
+        store_module.announce = real
+        w, wo = statistics.median(timings["with"]), statistics.median(timings["without"])
+        cw, cwo = statistics.median(cpu["with"]), statistics.median(cpu["without"])
+        return {"with_ms": w, "without_ms": wo, "extra_ms": w - wo, "cpu_with_ms": cw, "cpu_without_ms": cwo,
+                "extra_cpu_ms": cw - cwo}
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--latency-ms", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--window", type=int, default=0, help="default: workers x threads")
+    args = parser.parse_args()
+    ev = event_overhead()
+    print(f"event outbox on the miss path's write (PostgreSQL): wall {ev['with_ms']:.3f} ms with, "
+          f"{ev['without_ms']:.3f} ms without; caller CPU {ev['cpu_with_ms']:.3f} vs {ev['cpu_without_ms']:.3f} ms "
+          f"(+{ev['extra_cpu_ms']:.3f} ms)", flush=True)
+    if args.users == 0:
+        return
+    r = run_bulk_warm(args.users, args.latency_ms, args.workers, args.threads,
+                      args.window or args.workers * args.threads)
+    print(f"bulk warm: {r['flights']} flights for {r['users']} users in {r['seconds']:.1f} s = {r['rate']:.0f} "
+          f"acquisitions/s; slot bound {r['slot_bound']:.0f}/s; CPU bound {r['cpu_bound']:.0f}/s "
+          f"({r['cpu_ms']:.2f} CPU ms per acquisition, machine; ours {r['cpu_ms_ours']:.2f}); "
+          f"provider calls {r['provider_calls']}; failed {r['failed']}; load {r['load']}")
+    print(r["cpu_line"])
+    print(f"event overhead: +{ev['extra_cpu_ms']:.3f} caller CPU ms = {100 * ev['extra_cpu_ms'] / r['cpu_ms']:.1f}% "
+          f"of the machine's CPU per acquisition ({100 * ev['extra_cpu_ms'] / r['cpu_ms_ours']:.1f}% of ours)")
+
+
+if __name__ == "__main__":
+    main()
