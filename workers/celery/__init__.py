@@ -1,5 +1,6 @@
 """The Celery runtime: the app and its task names in ``app``, the flight tasks
-(resolve, refresh, the due scan, audit persistence) in ``tasks``, warming and
+(resolve, refresh, the due scan, audit persistence) in ``tasks`` with the scan's budget in
+``refresh_scan``, warming and
 webhook delivery in ``tasks_events``, audit retention in ``retention``, the
 result backend (``backend``) and kombu transport (``transport``) that Celery
 loads by class path. It may import ``broker``, ``workers.common`` and
