@@ -20,8 +20,8 @@ from broker.errors import ServiceUnavailable, StoreDisabled
 from broker.events import forget_user
 
 from workers.common.constants import cache_key, pending_connect_key, used_zset
-from .credentials import remove_credential
 from workers.common.runtime import Runtime
+from .credentials import remove_credential
 
 __all__ = ["erase_user", "pseudonym", "delete_subject_token"]
 

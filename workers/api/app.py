@@ -47,11 +47,19 @@ from broker.oauth.mcp_discovery import CLIENT_METADATA_PATH, client_metadata_doc
 from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
+from workers.actions.credentials import credential_listing, remove_credential
+from workers.actions.erasure import delete_subject_token, erase_user
+from workers.client import BrokerClient
+from workers.common.constants import cache_key
+from workers.common.metrics import METRICS, render_cluster
+from workers.common.runtime import Runtime, build_runtime
+from workers.common.tracing import instrument_api
 from . import events as api_events
 from .connect import connect_callback, connect_complete, connect_confirm, connect_open, connect_start
 from .edge import REQUEST_ID_KEY, Edge, broker_error, http_error
 from .edge import json_body as _json_body
 from .edge import no_store as _no_store
+from .events import warm_for
 from .input import (
     echo_names,
     check_fields,
@@ -60,15 +68,7 @@ from .input import (
     parse_timeout,
     parse_token,
 )
-from .events import warm_for
 from .openapi import OPENAPI
-from workers.client import BrokerClient
-from workers.common.constants import cache_key
-from workers.actions.credentials import credential_listing, remove_credential
-from workers.actions.erasure import delete_subject_token, erase_user
-from workers.common.tracing import instrument_api
-from workers.common.metrics import METRICS, render_cluster
-from workers.common.runtime import Runtime, build_runtime
 
 __all__ = ["create_app", "serve_api"]
 

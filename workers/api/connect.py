@@ -32,10 +32,10 @@ from broker.connect import ConnectError, ConnectFlow, mask_user
 from broker.errors import BrokerError, InvalidRequest, StoreDisabled
 from broker.validation import validate_server_name, validate_user_id
 
+from workers.common.metrics import METRICS
 from .edge import REQUEST_ID_KEY, json_body, no_store
 from .input import MAX_BODY_BYTES, check_fields
 from .pages import PAGE_HEADERS, confirm_page, connected_page, failed_page
-from workers.common.metrics import METRICS
 
 __all__ = ["connect_start", "connect_open", "connect_callback", "connect_confirm", "connect_complete",
            "cookie_name"]

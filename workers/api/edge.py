@@ -25,8 +25,8 @@ from broker.errors import BrokerError, InvalidRequest, Unauthorized
 from broker.secret import Secret
 from broker.validation import validate_request_id
 
-from .input import MAX_BODY_BYTES, bearer_matches, parse_json_object
 from workers.common.metrics import METRICS
+from .input import MAX_BODY_BYTES, bearer_matches, parse_json_object
 
 __all__ = ["OPEN_PATHS", "REQUEST_ID_KEY", "Edge", "broker_error", "http_error", "json_body", "no_store"]
 

@@ -18,9 +18,9 @@ from broker.errors import InvalidRequest, StoreDisabled
 from broker.events import EventLog
 from broker.validation import validate_server_name, validate_user_id
 
-from .input import check_fields, echo_names, parse_limit
-from workers.celery.app import TASK_WARM
 from workers.actions.warm import warm_user
+from workers.celery.app import TASK_WARM
+from .input import check_fields, echo_names, parse_limit
 
 __all__ = ["warm", "events", "warm_for", "parse_cursor"]
 

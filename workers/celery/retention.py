@@ -6,8 +6,8 @@ import logging
 
 from broker.audit import SqlAuditLog, prune_expired
 
-from .app import TASK_PRUNE_AUDIT, app
 from workers.common.runtime import runtime
+from .app import TASK_PRUNE_AUDIT, app
 
 __all__ = ["prune_audit"]
 

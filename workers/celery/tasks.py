@@ -20,15 +20,15 @@ from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from workers.common.auditstream import persist_audit_batch, pop_used, restore_used
-from .app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
 from workers.common.constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
 from workers.common.flight import FlightGuard, new_task_id
 from workers.common.metrics import cluster_incr, cluster_set
 from workers.common.outcomes import raise_if_failed
-from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from workers.common.runtime import Runtime, runtime
 from workers.common.upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
 from workers.common.wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
+from .app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
+from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 
 __all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
 

@@ -24,14 +24,14 @@ from broker.errors import BrokerError
 from broker.events import Event, EventLog, announce_expired
 from broker.keyspace import key_prefix
 
+from workers.actions.warm import warm_user
 from workers.common.auditstream import persist_audit_batch
-from .app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
 from workers.common.constants import PREFIX
 from workers.common.metrics import cluster_incr
 from workers.common.outcomes import raise_if_failed
 from workers.common.runtime import Runtime, runtime
+from .app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
 from .tasks import _run_flight
-from workers.actions.warm import warm_user
 from .webhooks import DEAD, DELIVERED, FAILED, DeliveryLog, endpoint_label, message, retry_delay, signed_headers
 
 __all__ = ["warm", "warm_user_task", "deliver_webhook", "Housekeeper", "dispatch_events", "WebhookDeliveryFailed"]
