@@ -24,7 +24,7 @@ from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_RE
 from .constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
-from .outcomes import raise_if_failed
+from .outcomes import FlightFailed, raise_if_failed
 from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from .runtime import Runtime, runtime
 from .upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
@@ -149,7 +149,7 @@ def _count_start() -> None:
         pass
 
 
-@app.task(name=TASK_RESOLVE, bind=True)
+@app.task(name=TASK_RESOLVE, bind=True, throws=(FlightFailed,))
 def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight;
     ``config`` is the sender's servers fingerprint."""
@@ -157,7 +157,7 @@ def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> 
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve", config))
 
 
-@app.task(name=TASK_REFRESH, bind=True)
+@app.task(name=TASK_REFRESH, bind=True, throws=(FlightFailed,))
 def refresh(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
     _count_start()
