@@ -22,29 +22,25 @@ shutdown.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
 
-from broker.clock import Clock
 from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable
 from broker.keyspace import key_prefix
-from broker.policy import Policy
 from broker.resolver import Acquisition, Resolved
-from broker.servers import ServerConfig, ServerRegistry
-from broker.settings import Settings
+from broker.servers import ServerConfig
 
 from .auditstream import StreamAuditSink
-from .celery_app import TASK_RESOLVE, TASK_WARM_USER, make_celery
-from .client_core import (DIAGNOSE_SECONDS, MAX_FLIGHT_RETRIES, RECLAIM_PAUSE, RETRY, TRANSPORT_ERRORS, ClientCore,
-                          claim_ttl_ms, client_settings, parse_meta, transport_failure, warm_outcome)
+from .celery_app import TASK_RESOLVE, TASK_WARM_USER
+from .client_core import (DIAGNOSE_SECONDS, MAX_FLIGHT_RETRIES, RECLAIM_PAUSE, RETRY, TRANSPORT_ERRORS, ClientBase,
+                          Tally, claim_ttl_ms, parse_meta, transport_failure, warm_outcome)
 from .constants import TASK_ID_PREFIX, cache_key, flight_key, result_key
 from .deadline import within
 from .diagnose import explain_waiting
-from .flight import _CAS_DELETE, _READY, new_task_id, task_of
+from .flight import CAS_DELETE, READY, finished_task, new_task_id, task_of
 from .metrics import METRICS
 from .redisconn import async_redis_client, redis_client
 
@@ -80,8 +76,9 @@ class _Results:
                 delay = 0.05
                 while True:
                     msg = await pubsub.get_message(timeout=0.5)
-                    if msg and msg.get("type") == "pmessage":
-                        self._on_message(msg)
+                    task_id = finished_task(msg, len(self.prefix)) if msg and msg.get("type") == "pmessage" else None
+                    for ev in self._waiters.get(task_id or "", ()):
+                        ev.set()
             except (redis.RedisError, OSError, ValueError):
                 await asyncio.sleep(delay)  # Redis went away: back off, resubscribe
                 delay = min(delay * 2, 2.0)
@@ -91,20 +88,9 @@ class _Results:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        channel = msg["channel"]
-        channel = channel.decode() if isinstance(channel, bytes) else channel
-        try:
-            status = json.loads(msg["data"]).get("status")
-        except (ValueError, AttributeError):
-            return
-        if status in _READY:
-            for ev in self._waiters.get(channel[len(self.prefix):], ()):
-                ev.set()
-
     async def _ready(self, task_id: str) -> dict[str, Any] | None:
         meta = await self.get_meta(task_id)
-        return meta if meta is not None and meta.get("status") in _READY else None
+        return meta if meta is not None and meta.get("status") in READY else None
 
     async def wait(self, task_id: str, alive: Callable[[], Awaitable[bool]],
                    poll: float = 1.0) -> tuple[dict[str, Any] | None, bool]:
@@ -142,40 +128,19 @@ class _Results:
                 pass
 
 
-class AsyncBrokerClient:
+class AsyncBrokerClient(ClientBase):
     """Resolves per-user credentials through the broker's workers, from asyncio.
 
-    Arguments as ``BrokerClient``'s (``CREDBROKER_*`` settings, explicit
-    arguments over them); ``connection`` is a ``redis.asyncio.Redis``.
+    Arguments as ``BrokerClient``'s (``workers.client_core.ClientBase``:
+    ``CREDBROKER_*`` settings, explicit arguments over them); ``connection``
+    is a ``redis.asyncio.Redis``.
     """
 
-    def __init__(
-        self,
-        *,
-        redis_url: str | None = None,
-        servers: ServerRegistry | None = None,
-        transport_key: str | bytes | None = None,
-        master_keys: str | None = None,
-        policy: Policy | str | None = None,
-        timeout: float | None = None,
-        settings: Settings | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-        connection: Any = None,
-        audit: StreamAuditSink | None = None,
-    ) -> None:
-        self.core = ClientCore(client_settings(settings, environ, redis_url=redis_url, transport_key=transport_key,
-                                               master_keys=master_keys, timeout=timeout), servers, policy, clock)
-        self.settings = self.core.settings
-        self.servers = self.core.servers
-        self._ns = self.core.namespace
-        self._owns_connection = connection is None
+    def _open(self, connection: Any, audit: StreamAuditSink | None) -> None:
         self.redis = connection if connection is not None else async_redis_client(self.settings)
-        self._release = self.redis.register_script(_CAS_DELETE)
-        self.celery = make_celery(self.settings)
+        self._release = self.redis.register_script(CAS_DELETE)
         self.results = _Results(self.redis, self._meta, result_key("", self._ns))
         # The audit buffer flushes from its own thread, over a sync connection (opened on first flush).
-        self._owns_audit = audit is None
         self._sync_redis = redis_client(self.settings, max_connections=4) if audit is None else None
         self.audit = audit if audit is not None else StreamAuditSink(self._sync_redis, namespace=self._ns)
 
@@ -186,21 +151,14 @@ class AsyncBrokerClient:
                       url: str | None = None, dpop_nonce: str | None = None) -> Resolved:
         """The header to inject for (user, server) now; raises ``broker.errors``
         (as ``BrokerClient.resolve``)."""
-        started = time.perf_counter()
         deadline = self.core.deadline(timeout)
-        path = "fast"
-        try:
+        with Tally() as tally:
             srv = self.core.check(user_id, server, method, url, dpop_nonce)
             acq = await self._from_cache(user_id, srv, deadline)
             if acq is None:
-                path = "flight"
+                tally.path = "flight"
                 acq = await self._from_flight(user_id, srv, deadline, request_id)
-            resolved = self.core.finish(self.audit, user_id, srv, acq, request_id, method, url, dpop_nonce)
-        except BrokerError as exc:
-            self.core.count(exc.code, path)
-            raise
-        self.core.count("ok", path, started)
-        return resolved
+            return self.core.finish(self.audit, user_id, srv, acq, request_id, method, url, dpop_nonce)
 
     async def warm(self, user_id: str, servers: list[str] | None = None,
                    timeout: float | None = None) -> list[str]:

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import redis
 
-from broker.clock import Clock
 from broker.keyspace import key_prefix
 from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable
-from broker.policy import Policy
 from broker.resolver import Acquisition, Resolved
-from broker.servers import ServerConfig, ServerRegistry
-from broker.settings import Settings
+from broker.servers import ServerConfig
 
 from .auditstream import StreamAuditSink
-from .celery_app import TASK_RESOLVE, make_celery
-from .client_core import (DIAGNOSE_SECONDS, MAX_FLIGHT_RETRIES, RECLAIM_PAUSE, RETRY, TRANSPORT_ERRORS, ClientCore,
-                          claim_ttl_ms, client_settings, parse_meta, transport_failure, warm_outcome)
+from .celery_app import TASK_RESOLVE
+from .client_core import (DIAGNOSE_SECONDS, MAX_FLIGHT_RETRIES, RECLAIM_PAUSE, RETRY, TRANSPORT_ERRORS, ClientBase,
+                          Tally, claim_ttl_ms, parse_meta, transport_failure, warm_outcome)
 from .constants import cache_key, flight_key, result_key
 from .deadline import grace, within
 from .diagnose import explain_timeout
@@ -41,53 +37,19 @@ __all__ = ["BrokerClient", "AsyncBrokerClient", "Resolved"]
 log = logging.getLogger(__name__)
 
 
-class BrokerClient:
+class BrokerClient(ClientBase):
     """Resolves per-user credentials through the broker's workers.
 
-    Reads the ``CREDBROKER_*`` settings; explicit arguments override them. A
-    gateway needs ``REDIS_URL``, ``SERVERS_FILE`` and ``TRANSPORT_KEY`` (or the
-    master keys, from which the transport key is derived) — never the
-    database.
+    Arguments: ``workers.client_core.ClientBase``; ``connection`` is a
+    ``redis.Redis``.
     """
 
-    def __init__(
-        self,
-        *,
-        redis_url: str | None = None,
-        servers: ServerRegistry | None = None,
-        transport_key: str | bytes | None = None,
-        master_keys: str | None = None,
-        policy: Policy | str | None = None,
-        timeout: float | None = None,
-        settings: Settings | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-        connection: redis.Redis | None = None,
-        audit: StreamAuditSink | None = None,
-    ) -> None:
-        self.core = ClientCore(client_settings(settings, environ, redis_url=redis_url, transport_key=transport_key,
-                                               master_keys=master_keys, timeout=timeout), servers, policy, clock)
-        self.settings = self.core.settings
-        self.servers = self.core.servers
-        self.sealer = self.core.sealer
-        self.clock = self.core.clock
-        self._ns = self.core.namespace
+    def _open(self, connection: redis.Redis | None, audit: StreamAuditSink | None) -> None:
         # A process that already has a Redis pool and audit sink (the API) shares them.
-        self._owns_connection = connection is None
         self.redis = connection if connection is not None else redis_client(self.settings)
         self.claims = Claims(self.redis)
-        self.celery = make_celery(self.settings)
         self.waiter = ResultWaiter(self.redis, self._meta, result_key("", self._ns))
-        self._owns_audit = audit is None
         self.audit = audit if audit is not None else StreamAuditSink(self.redis, namespace=self._ns)
-
-    @property
-    def policy(self) -> Policy:
-        return self.core.policy
-
-    @policy.setter
-    def policy(self, value: Policy) -> None:
-        self.core.policy = value
 
     # -- public --------------------------------------------------------------
 
@@ -100,23 +62,16 @@ class BrokerClient:
         fresh proof, signed here in the caller's process; ``Resolved.apply``
         sets both headers and ``Resolved.dpop_proof`` mints more. ``dpop_nonce``:
         the resource server's latest ``DPoP-Nonce``, put in the proof."""
-        started = time.perf_counter()
         # Every Redis call below, the fast path's included, obeys this deadline.
         deadline = self.core.deadline(timeout)
-        path = "fast"
-        try:
+        with Tally() as tally:
             srv = self.core.check(user_id, server, method, url, dpop_nonce)
             with within(deadline):
                 acq = self._from_cache(user_id, srv)
                 if acq is None:
-                    path = "flight"
+                    tally.path = "flight"
                     acq = self._from_flight(user_id, srv, deadline, request_id)
-            resolved = self.core.finish(self.audit, user_id, srv, acq, request_id, method, url, dpop_nonce)
-        except BrokerError as exc:
-            self.core.count(exc.code, path)
-            raise
-        self.core.count("ok", path, started)
-        return resolved
+            return self.core.finish(self.audit, user_id, srv, acq, request_id, method, url, dpop_nonce)
 
     def warm(self, user_id: str, servers: list[str] | None = None, timeout: float | None = None) -> list[str]:
         """Warm the user's credentials (every configured server, or ``servers``)

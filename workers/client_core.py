@@ -31,13 +31,14 @@ from broker.settings import Settings, load_settings
 from broker.validation import validate_server_name, validate_user_id
 
 from .auditstream import StreamAuditSink
+from .celery_app import make_celery
 from .deadline import DeadlinePassed
 from .embedded import session_environment
 from .metrics import METRICS
 from .outcomes import flight_result
 from .wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
 
-__all__ = ["ClientCore", "client_settings", "client_policy", "parse_meta", "claim_ttl_ms", "warm_outcome",
+__all__ = ["ClientBase", "ClientCore", "Tally", "client_settings", "client_policy", "parse_meta", "claim_ttl_ms", "warm_outcome",
            "transport_failure", "TRANSPORT_ERRORS", "MAX_FLIGHT_RETRIES", "RECLAIM_PAUSE", "DIAGNOSE_SECONDS",
            "RETRY"]
 
@@ -240,3 +241,68 @@ class ClientCore:
         METRICS.inc("credbroker_resolves_total", outcome=outcome, path=path)
         if started is not None:
             METRICS.observe("credbroker_resolve_seconds", time.perf_counter() - started, path=path)
+
+
+class Tally:
+    """Counts one resolve in the metrics as it ends: its outcome and path
+    (``fast`` until the caller sets ``path = "flight"``)."""
+
+    def __init__(self) -> None:
+        self.path = "fast"
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> Tally:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            ClientCore.count("ok", self.path, self.started)
+        elif isinstance(exc, BrokerError):
+            ClientCore.count(exc.code, self.path)
+
+
+class ClientBase:
+    """The constructor both clients share. Reads the ``CREDBROKER_*`` settings;
+    explicit arguments override them. A gateway needs ``REDIS_URL``,
+    ``SERVERS_FILE`` and ``TRANSPORT_KEY`` (or the master keys, from which the
+    transport key is derived) — never the database. ``connection`` and
+    ``audit``: a Redis client and audit sink the process already has (the API
+    shares its own); each client's ``_open`` says which kind it takes."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        servers: ServerRegistry | None = None,
+        transport_key: str | bytes | None = None,
+        master_keys: str | None = None,
+        policy: Policy | str | None = None,
+        timeout: float | None = None,
+        settings: Settings | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+        connection: Any = None,
+        audit: StreamAuditSink | None = None,
+    ) -> None:
+        self.core = ClientCore(client_settings(settings, environ, redis_url=redis_url, transport_key=transport_key,
+                                               master_keys=master_keys, timeout=timeout), servers, policy, clock)
+        self.settings = self.core.settings
+        self.servers = self.core.servers
+        self.sealer = self.core.sealer
+        self.clock = self.core.clock
+        self._ns = self.core.namespace
+        self._owns_connection = connection is None
+        self._owns_audit = audit is None
+        self.celery = make_celery(self.settings)
+        self._open(connection, audit)
+
+    def _open(self, connection: Any, audit: StreamAuditSink | None) -> None:
+        raise NotImplementedError
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    @policy.setter
+    def policy(self, value: Policy) -> None:
+        self.core.policy = value
