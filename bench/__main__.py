@@ -18,6 +18,7 @@ from pathlib import Path
 
 from workers.constants import AUDIT_STREAM, USED_ZSET
 
+from .afastpath import run_async_fast_path
 from .burst import run_burst
 from .dpop import run_dpop_fast_path
 from .cluster import BenchCluster, RedisService, Sandbox, vm_hwm_kib
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
         timer.row("row 1b: DPoP proof on the fast path")
         run_dpop_fast_path(client, FAST_USERS, report, sizes.loop_reps, sizes.loop_seconds)
+        cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
+
+        timer.row("row 1c: async client fast path")
+        run_async_fast_path(cluster, client, report, sizes.loop_reps, sizes.loop_seconds)
         cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
 
         timer.row("row 3: miss path")
