@@ -156,12 +156,22 @@ class Sandbox:
         self.log.close()
 
 
-def bench_servers(sandbox_url: str) -> list[dict[str, Any]]:
+def bench_servers(sandbox_url: str, hung_url: str | None = None) -> list[dict[str, Any]]:
     """Token-exchange style servers: fast path and misses use ``tx`` and
     ``obo``; the proactive-refresh row has ``rf`` to itself; ``dp`` is ``tx``
-    with DPoP, for the proof-cost row."""
+    with DPoP, for the proof-cost row; the isolation row has ``iso`` (beside
+    ``hung``, a token endpoint that never answers), the backlog row ``bl``."""
     ab = {"token_endpoint": f"{sandbox_url}/token", "client_id": "broker-client", "client_secret": CLIENT_SECRET}
-    return [
+    hung = [] if hung_url is None else [
+        {"name": "hung", "url": "https://hung.upstream.test/mcp",
+         "auth_broker": {"mode": "oauth_connect", "token_endpoint": f"{hung_url}/token",
+                         "authorization_endpoint": f"{hung_url}/authorize", "client_id": "broker-client",
+                         "client_secret": CLIENT_SECRET, "scopes": ["read"]}}]
+    return [*hung,
+        {"name": "iso", "url": "https://iso.upstream.test/mcp",
+         "auth_broker": {"mode": "token_exchange", **ab, "audience": "iso-api", "scopes": ["read"]}},
+        {"name": "bl", "url": "https://bl.upstream.test/mcp",
+         "auth_broker": {"mode": "token_exchange", **ab, "audience": "bl-api", "scopes": ["read"]}},
         {"name": "tx", "url": "https://tx.upstream.test/mcp",
          "auth_broker": {"mode": "token_exchange", **ab, "audience": "tx-api", "scopes": ["read"]}},
         {"name": "obo", "url": "https://obo.upstream.test/mcp",
@@ -177,14 +187,14 @@ class BenchCluster:
     """Settings, database and the broker's processes for one bench run."""
 
     def __init__(self, workdir: Path, redis_url: str, sandbox: Sandbox, *, database_url: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, hung_url: str | None = None) -> None:
         self.workdir = workdir
         self.sandbox = sandbox
         self.redis_url = redis_url
         self.redis = redis.Redis.from_url(redis_url)
         self.redis.flushdb()
         servers_file = workdir / "servers.yaml"
-        servers_file.write_text(yaml.safe_dump({"servers": bench_servers(sandbox.url)}))
+        servers_file.write_text(yaml.safe_dump({"servers": bench_servers(sandbox.url, hung_url)}))
         self.database_url = database_url or f"sqlite:///{workdir / 'broker.db'}"
         self.api_key = base64.urlsafe_b64encode(os.urandom(24)).decode()
         self.env = {
@@ -228,7 +238,7 @@ class BenchCluster:
             hostname = f"{name}@{socket.gethostname()}"
             self.spawn(name, ["-m", "celery", "-A", "bench.celery_bench", "worker", "-c", str(concurrency),
                               "-P", "prefork", "-n", hostname, "--without-gossip", "--without-mingle",
-                              "--without-heartbeat", "-Q", "credbroker", "--loglevel=WARNING"])
+                              "--without-heartbeat", "-Q", "credbroker,credbroker.refresh", "--loglevel=WARNING"])
             names.append(name)
         for name in names:
             ready = self.workdir / f"{name}@{socket.gethostname()}"

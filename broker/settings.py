@@ -87,6 +87,11 @@ class Settings:
     # transport delivers it again; 0: twice the task time limit plus 60 s.
     visibility_timeout: float = 0.0
     state_ttl_seconds: int = 600
+    # Capacity and per-server protection (workers/upstream_guard.py, the beat's scan budget).
+    worker_slots: int = 64  # the cluster's worker slots (sum of --concurrency; one default worker: 64), an estimate
+    server_max_concurrency: int = 0  # per server; 0 = half of worker_slots, at least 1
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 30.0
     # Connect flow completion and abuse limits (README "Security model").
     connect_callback_url: str | None = None
     connect_states_per_pair: int = 5
@@ -161,6 +166,10 @@ SETTING_NAMES: dict[str, str] = {
     "TASK_TIME_LIMIT": "task_time_limit",
     "VISIBILITY_TIMEOUT": "visibility_timeout",
     "STATE_TTL_SECONDS": "state_ttl_seconds",
+    "WORKER_SLOTS": "worker_slots",
+    "SERVER_MAX_CONCURRENCY": "server_max_concurrency",
+    "BREAKER_FAILURES": "breaker_failures",
+    "BREAKER_COOLDOWN_SECONDS": "breaker_cooldown_seconds",
     "CONNECT_CALLBACK_URL": "connect_callback_url",
     "CONNECT_STATES_PER_PAIR": "connect_states_per_pair",
     "AUDIT_RETENTION_DAYS": "audit_retention_days",

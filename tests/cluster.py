@@ -146,7 +146,7 @@ class Cluster:
     def start_worker(self, name: str = "w1", concurrency: int = 2, pool: str = "prefork") -> subprocess.Popen[bytes]:
         proc = self._spawn(name, ["-m", "celery", "-A", "workers.celery_app", "worker", "-c", str(concurrency),
                                   "-P", pool, "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
-                                  "--without-mingle", "-Q", "credbroker", "--loglevel=INFO"])
+                                  "--without-mingle", "-Q", "credbroker,credbroker.refresh", "--loglevel=INFO"])
         wait_for(lambda: b" ready." in self.logs[name].read_bytes() or proc.poll() is not None, 60,
                  what=f"worker {name} to be ready")
         assert proc.poll() is None, self.log(name)[-3000:]

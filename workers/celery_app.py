@@ -3,6 +3,13 @@
 Late acks with prefetch 1, so a task whose worker dies is redelivered; a
 visibility timeout well above the task time limit, so a running task is never
 redelivered while it is still alive; short-lived JSON results.
+
+Two queues: ``QUEUE`` for interactive resolves (and the small beat
+housekeeping tasks), ``REFRESH_QUEUE`` for the beat's proactive refreshes. A
+worker consuming both asks Redis for them in sorted name order on every fetch
+(``queue_order_strategy: sorted``; kombu's default round-robin would take a
+refresh every other fetch), so a resolve waits for at most one free slot,
+never behind the refresh backlog. ``QUEUE`` must sort first.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from .tracing import connect_worker_signals
 from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
-           "TASK_PRUNE_AUDIT", "QUEUE", "TASK_WARM", "TASK_WARM_USER", "TASK_DELIVER_WEBHOOK"]
+           "TASK_PRUNE_AUDIT", "QUEUE", "REFRESH_QUEUE", "QUEUES", "TASK_WARM", "TASK_WARM_USER",
+           "TASK_DELIVER_WEBHOOK"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
@@ -33,6 +41,9 @@ TASK_WARM = "broker.warm"
 TASK_WARM_USER = "broker.warm_user"
 TASK_DELIVER_WEBHOOK = "broker.deliver_webhook"
 QUEUE = "credbroker"
+REFRESH_QUEUE = QUEUE + ".refresh"
+# What a worker consumes by default, in the order it serves them.
+QUEUES = (QUEUE, REFRESH_QUEUE)
 RESULT_EXPIRES_SECONDS = 300
 
 
@@ -66,7 +77,7 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         task_time_limit=limit,
         task_soft_time_limit=max(1.0, limit - 5),
         broker_transport_options={"visibility_timeout": settings.visibility_timeout or int(limit * 2 + 60),
-                                  **sockets, **sentinel, **namespaced},
+                                  "queue_order_strategy": "sorted", **sockets, **sentinel, **namespaced},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}, **sentinel, **namespaced},
         redis_socket_timeout=SOCKET_TIMEOUT,
         redis_socket_connect_timeout=CONNECT_TIMEOUT,
@@ -77,6 +88,9 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
                                    "interval_max": 0.05},
         result_expires=RESULT_EXPIRES_SECONDS,
         task_default_queue=QUEUE,
+        # Background work rides the refresh queue, behind interactive resolves
+        # (warm_user only plans, and a caller waits for its answer: it stays).
+        task_routes={name: {"queue": REFRESH_QUEUE} for name in (TASK_REFRESH, TASK_WARM, TASK_DELIVER_WEBHOOK)},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -264,6 +264,33 @@ def cmd_servers_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_servers_status(args: argparse.Namespace) -> int:
+    """Each configured server's circuit breaker and in-flight calls, cluster-wide."""
+    import redis
+
+    from broker.servers import servers_from_settings
+
+    from .upstream_guard import GuardLimits, ServerGuard
+
+    s = settings()
+    registry = servers_from_settings(s)
+    client = redis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        guard = ServerGuard(client, GuardLimits.from_settings(s))
+        rows = [(registry[name], guard.status(registry[name].key)) for name in registry]
+    finally:
+        client.close()
+    if args.json:
+        emit_json([{"name": srv.name, "circuit": st.state, "consecutive_failures": st.failures,
+                    "open_seconds_left": round(st.open_seconds_left, 1), "times_opened": st.opened_total,
+                    "in_flight": st.in_flight, "limit": st.limit} for srv, st in rows])
+        return 0
+    table([(srv.name, st.state, st.failures, f"{st.open_seconds_left:.0f}s" if st.state == "open" else "-",
+            st.opened_total, f"{st.in_flight}/{st.limit}") for srv, st in rows],
+          ["NAME", "CIRCUIT", "FAILURES", "REOPENS IN", "OPENED", "IN FLIGHT"])
+    return 0
+
+
 def cmd_servers_discover(args: argparse.Namespace) -> int:
     """Follow a server URL to its authorization server and print what was found (no secret, no registration)."""
     from broker.oauth.client import OAuthClient
@@ -360,11 +387,11 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_db_current)
 
-    servers = add_command(sub, "servers", "server config: check a servers file", """
+    servers = add_command(sub, "servers", "server config and health: check a servers file, circuit status", """
         Work with the servers file (CREDBROKER_SERVERS_FILE: YAML, JSON, or
         mcpproxy-style `mcpServers` JSON).
         """, "credbroker servers check servers.yaml")
-    ssub = servers.add_subparsers(dest="servers_command", metavar="{check,discover}", required=True)
+    ssub = servers.add_subparsers(dest="servers_command", metavar="{check,discover,status}", required=True)
     p = add_command(ssub, "check", "validate a servers file", """
         Load and validate a servers file exactly as the broker would, and list
         each server's name, mode, key (short) and URL. Exit status 2 with the
@@ -386,3 +413,15 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_servers_discover)
 
+    p = add_command(ssub, "status", "circuit breaker and in-flight calls per server", """
+        Show each configured server's circuit breaker (closed, open with the
+        time until its next probe, or half_open while one probe call runs),
+        its consecutive transient failures across users, how often it opened,
+        and its calls in flight against the per-server limit
+        (CREDBROKER_SERVER_MAX_CONCURRENCY). Read from Redis: cluster-wide.
+        """, """
+        credbroker servers status
+        credbroker servers status --json
+        """)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(handler=cmd_servers_status)

@@ -30,8 +30,10 @@ POOLS = ("prefork", "threads", "solo")
 DEFAULT_POOL = "threads"
 DEFAULT_THREADS = 64
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# The queue the broker's tasks go to (workers.celery_app.QUEUE), without importing Celery here.
-QUEUE = "credbroker"
+# The broker's queues (workers.celery_app.QUEUES), without importing Celery here:
+# interactive resolves first, then the beat's refreshes.
+QUEUES = ("credbroker", "credbroker.refresh")
+QUEUE_CHOICES = {"resolve": QUEUES[0], "refresh": QUEUES[1]}
 
 
 def celery_argv(command: str, *options: str, quiet: bool = False) -> list[str]:
@@ -61,9 +63,22 @@ def cmd_api(args: argparse.Namespace) -> int:
 # -- worker -----------------------------------------------------------------------------------
 
 
+def _queues(args: argparse.Namespace) -> list[str]:
+    names = getattr(args, "queues", None) or ["resolve", "refresh"]
+    return [QUEUE_CHOICES[n] for n in QUEUE_CHOICES if n in names]
+
+
+def _queue_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in QUEUE_CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of: resolve, refresh")
+    return names
+
+
 def worker_argv(args: argparse.Namespace, s: Settings) -> list[str]:
     argv = celery_argv("worker", f"--loglevel={args.loglevel or s.log_level}", f"--pool={args.pool}",
-                       f"--queues={QUEUE}", f"--hostname={args.hostname}",
+                       f"--queues={','.join(_queues(args))}", f"--hostname={args.hostname}",
                        # No broadcast chatter between workers: nothing here uses it.
                        "--without-gossip", "--without-mingle", quiet=getattr(args, "quiet", False))
     concurrency = args.concurrency or (DEFAULT_THREADS if args.pool == "threads" else None)
@@ -153,18 +168,26 @@ def register(sub: Any) -> None:
     p = add_command(sub, "worker", "run a Celery worker (one process tree)", """
         Run one Celery worker process tree that executes resolve and refresh
         flights and moves audit events to the database. Run as many as you
-        need, on as many hosts: single-flight is cluster-wide.
+        need, on as many hosts: single-flight is cluster-wide. By default it
+        consumes both queues, interactive resolves before beat refreshes;
+        --queues refresh makes a dedicated refresh worker, --queues resolve
+        one that never takes a refresh (the beat's scan and audit moves run
+        on the resolve queue).
         """, """
         credbroker worker
         credbroker worker --concurrency 8
         credbroker worker --concurrency 128 --loglevel debug
         credbroker worker --pool prefork --concurrency 4
+        credbroker worker --queues refresh --concurrency 16   # a dedicated refresh worker
         """)
     p.add_argument("--concurrency", "-c", type=positive_int, metavar="N",
                    help=f"pool threads or processes (default {DEFAULT_THREADS} threads; prefork: number of CPUs)")
     p.add_argument("--pool", "-P", choices=POOLS, default=DEFAULT_POOL,
                    help=f"execution pool (default {DEFAULT_POOL}: flights are I/O-bound)")
     p.add_argument("--loglevel", "-l", type=_level, metavar="LEVEL", help="default CREDBROKER_LOG_LEVEL")
+    p.add_argument("--queues", "-Q", type=_queue_list, metavar="LIST",
+                   help="queues to consume: resolve, refresh or both (default resolve,refresh; resolves are "
+                        "always taken first)")
     p.add_argument("--hostname", "-n", default="credbroker@%h", metavar="NAME",
                    help="node name (default credbroker@%%h, %%h = host name)")
     p.add_argument("--quiet", "-q", action="store_true", help="no start-up banner")

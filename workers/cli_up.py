@@ -159,6 +159,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
             auth, _ = embedded.secret_file(folder / "flower-basic-auth", lambda: "admin:" + secrets.token_urlsafe(18))
             overrides[PREFIX + "FLOWER_BASIC_AUTH"] = auth
+        if not values.get(PREFIX + "WORKER_SLOTS"):
+            # One worker of --workers threads: the per-server limit and the scan budget size from it.
+            from .cli_procs import DEFAULT_THREADS
+
+            overrides[PREFIX + "WORKER_SLOTS"] = str(args.workers or DEFAULT_THREADS)
         env = {**os.environ, **overrides, "PYTHONUNBUFFERED": "1"}
         settings = load_settings(env)
 

@@ -134,6 +134,10 @@ _CLUSTER_HELP = {
     "credbroker_beat_scans_total": ("counter", "Proactive refresh scans run"),
     "credbroker_credentials_due": ("gauge", "Credentials due in the last beat scan"),
     "credbroker_refresh_flights_sent_total": ("counter", "Proactive refresh flights sent by the beat"),
+    "credbroker_refresh_queue_depth": ("gauge", "Refresh tasks waiting in the refresh queue at the last scan"),
+    "credbroker_server_circuit_state": ("gauge", "Circuit breaker per server: 0 closed, 1 open, 2 half-open"),
+    "credbroker_server_refusals_total": ("counter", "Calls the broker declined by server and reason "
+                                         "(circuit_open, server_busy)"),
     "credbroker_rotation_lost_total": ("counter", "Refresh tokens found spent by a flight whose outcome was lost "
                                                   "(lease expired mid-call); each user must reconnect"),
 }

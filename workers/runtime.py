@@ -40,6 +40,7 @@ from .constants import pending_connect_key
 from .flight import Claims
 from .metrics import cluster_incr
 from .redisconn import redis_client as _redis_client
+from .upstream_guard import GuardedOAuth, GuardLimits, ServerGuard
 
 __all__ = ["Runtime", "runtime", "set_settings", "build_runtime"]
 
@@ -65,6 +66,7 @@ class Runtime:
     clock: Clock
     http: httpx.Client
     heartbeat_claims: Claims
+    guard: ServerGuard | None = None
 
     def close(self) -> None:
         self.http.close()
@@ -114,8 +116,10 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
                               states_per_pair=settings.connect_states_per_pair,
                               lease_seconds=lease_seconds(settings))
     policy = load_policy(settings.policy)
+    # Flights call providers through the per-server limiter and breaker.
+    guard = ServerGuard(client, GuardLimits.from_settings(settings), clock)
     resolver = Resolver(
-        servers, store, oauth, audit, clock, policy=policy,
+        servers, store, GuardedOAuth(oauth, guard), audit, clock, policy=policy,
         connect_url=pending_connect_url(client, internal, connect, settings.state_ttl_seconds) if connect else None,
         near_expiry=near, refresh_fraction=settings.refresh_fraction,
         backoff_seconds=settings.renewal_backoff_seconds, backoff_max_seconds=settings.renewal_backoff_max_seconds,
@@ -126,7 +130,7 @@ def build_runtime(settings: Settings, clock: Clock | None = None) -> Runtime:
     # stalled extension is noticed well before the claim could expire.
     heartbeat = _redis_client(settings, max_connections=64, socket_timeout=1, connect_timeout=1)
     return Runtime(settings, servers, client, sealer, internal, Claims(client), audit, store, oauth, resolver, connect,
-                   policy, clock, http, Claims(heartbeat))
+                   policy, clock, http, Claims(heartbeat), guard)
 
 
 def _idle_limits(servers: ServerRegistry) -> Callable[[str], float | None]:

@@ -6,26 +6,28 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.exceptions import Ignore
-from celery.signals import task_postrun, worker_process_init
+from celery.signals import task_postrun, task_revoked, worker_process_init
 
 from broker.audit import Action, SqlAuditLog
 from broker.errors import BrokerError, ConfigMismatch, NoCredential, StoreDisabled
+from broker.keyspace import key_prefix
 from broker.resolver import Acquisition
 from broker.servers import Mode
 
 from .auditstream import persist_audit_batch, pop_used, restore_used
-from .celery_app import TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
+from .celery_app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
 from .constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
 from .flight import FlightGuard, new_task_id
 from .metrics import cluster_incr, cluster_set
 from .outcomes import raise_if_failed
+from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 from .runtime import Runtime, runtime
+from .upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
 from .wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
 
 __all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
@@ -76,6 +78,8 @@ def execute_flight(rt: Runtime, task_id: str, user_id: str, server_name: str, tr
             raise StoreDisabled()
     except BrokerError as exc:
         return {"error": exc.to_dict()}
+    # A proactive refresh has a valid credential to fall back on: it waits less for a server slot.
+    slot_wait.set(REFRESH_MAX_WAIT_SECONDS if trigger == "refresh" else MAX_WAIT_SECONDS)
     guard = FlightGuard(rt.heartbeat_claims, flight_key(user_id, server.key), task_id)
     if not guard.enter():
         # A redelivered copy of a running task, or a superseded task: another
@@ -138,27 +142,50 @@ def _run_flight(task_id: str, user_id: str, server: str, trigger: str,
     return result
 
 
+def _count_start() -> None:
+    try:
+        count_flight_start(runtime().redis)
+    except Exception:  # noqa: BLE001 - _run_flight reports a broken runtime
+        pass
+
+
 @app.task(name=TASK_RESOLVE, bind=True)
 def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight;
     ``config`` is the sender's servers fingerprint."""
+    _count_start()
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve", config))
 
 
 @app.task(name=TASK_REFRESH, bind=True)
 def refresh(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
+    _count_start()
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "refresh", config))
 
 
 @app.task(name=TASK_REFRESH_DUE)
 def refresh_due() -> dict[str, Any]:
-    """Beat: send every recently used credential entering its refresh window
-    through a flight, with jitter. One scan per interval cluster-wide."""
+    """Beat: send recently used credentials entering their refresh window
+    through flights on the refresh queue, at most what the workers can start
+    before the next scan (``workers/refresh_scan.py``). One scan at a time
+    cluster-wide, under a lock held for as long as the scan runs."""
     rt = runtime()
     s = rt.settings
-    if not rt.redis.set(beat_lock(), os.getpid(), nx=True, px=max(500, int(s.refresh_scan_seconds * 900))):
+    lock = ScanLock(rt.redis, beat_lock(), s.refresh_scan_seconds)
+    if not lock.acquire():
         return {"skipped": "another scan holds the lock"}
+    try:
+        return _scan(rt, lock)
+    finally:
+        try:
+            lock.release()
+        except Exception as exc:  # noqa: BLE001 - the lock lapses by itself
+            log.warning("refresh_due: could not release the scan lock: %s", type(exc).__name__)
+
+
+def _scan(rt: Runtime, lock: ScanLock) -> dict[str, Any]:
+    s = rt.settings
     if not rt.store.enabled:
         return {"skipped": "store disabled"}
     uses = pop_used(rt.redis)
@@ -172,18 +199,29 @@ def refresh_due() -> dict[str, Any]:
     due = rt.store.due(now, used_since=now - timedelta(seconds=s.recent_use_seconds), limit=10_000,
                        server_keys=[srv.key for srv in rt.servers.values()])
     due = list(dict.fromkeys(due + rt.store.keepalive_due(now, limit=1_000)))
+    queued = rt.redis.llen(key_prefix() + REFRESH_QUEUE)
+    budget = scan_budget(s.worker_slots, take_started(rt.redis), queued)
+    guard = rt.guard
+    plan = plan_sends(due, budget, (lambda k: guard.blocked(k)) if guard is not None else (lambda k: False))
+    expires = refresh_expires_seconds(s.refresh_scan_seconds)
+    # The claim outlives the queued task by a margin: it never lapses while the
+    # task may still run. A running task's heartbeat takes over its lifetime.
+    claim_ms = int((expires + 5) * 1000)
     sent = 0
-    for user_id, server_key in due:
+    for user_id, server_key in plan.pairs:
+        if not lock.keep():
+            log.warning("refresh_due: lost the scan lock; stopping this scan")
+            break
         server = rt.servers.by_key(server_key)
         if server is None:
             continue  # server removed or its URL changed: its credentials are not renewed
         task_id = new_task_id()
-        delay = random.uniform(0, s.refresh_jitter_seconds)
-        ttl_ms = int((delay + s.resolve_timeout) * 1000)
         key = flight_key(user_id, server_key)
-        if rt.claims.claim(key, task_id, ttl_ms):
+        if rt.claims.claim(key, task_id, claim_ms):
             try:
-                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, countdown=delay,
+                # No countdown: a delayed task is held by one worker outside the
+                # prefetch limit; the budget paces the sends instead.
+                app.send_task(TASK_REFRESH, args=[user_id, server.name], task_id=task_id, expires=expires,
                               kwargs={"config": rt.servers.fingerprint})
             except Exception as exc:  # noqa: BLE001 - one failed send must not strand the pair or the scan
                 rt.claims.release(key, task_id)
@@ -192,10 +230,13 @@ def refresh_due() -> dict[str, Any]:
             sent += 1
     cluster_incr(rt.redis, "credbroker_beat_scans_total")
     cluster_set(rt.redis, "credbroker_credentials_due", len(due))
+    cluster_set(rt.redis, "credbroker_refresh_queue_depth", queued)
     cluster_incr(rt.redis, "credbroker_refresh_flights_sent_total", sent)
     if due:
-        log.info("refresh_due: %d due, %d flights sent, %d use marks", len(due), sent, len(uses))
-    return {"due": len(due), "sent": sent, "uses": len(uses)}
+        log.info("refresh_due: %d due, %d flights sent (budget %d, %d queued, %d of open circuits), %d use marks",
+                 len(due), sent, budget, queued, plan.skipped_open, len(uses))
+    return {"due": len(due), "sent": sent, "budget": budget, "queued": queued,
+            "skipped_open": plan.skipped_open, "uses": len(uses)}
 
 
 @app.task(name=TASK_PERSIST_AUDIT)
@@ -228,6 +269,23 @@ def _release_claim(sender: Any = None, task_id: str | None = None, args: Any = N
             rt.claims.release(flight_key(args[0], server.key), value)
     except Exception as exc:  # noqa: BLE001
         log.warning("claim release failed: %s", type(exc).__name__)
+
+
+@task_revoked.connect
+def _release_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A refresh that expired in the queue never runs: free its pair now, not at the claim's TTL."""
+    if request is None or getattr(request, "name", None) != TASK_REFRESH:
+        return
+    args = getattr(request, "args", None) or []
+    if len(args) < 2:
+        return
+    try:
+        rt = runtime()
+        server = rt.servers.get(args[1])
+        if server is not None:
+            rt.claims.release(flight_key(args[0], server.key), request.id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("claim release for a revoked refresh failed: %s", type(exc).__name__)
 
 
 @worker_process_init.connect

@@ -261,10 +261,13 @@ def parse(*argv: str) -> argparse.Namespace:
     return cli.build_parser().parse_args(list(argv))
 
 
-def test_queue_matches_the_celery_app() -> None:
-    from workers.celery_app import QUEUE
+def test_queues_match_the_celery_app_and_resolves_sort_first() -> None:
+    from workers.celery_app import QUEUES, app
 
-    assert cli_procs.QUEUE == QUEUE
+    assert cli_procs.QUEUES == QUEUES
+    # The transport asks Redis for queues in sorted name order (see celery_app).
+    assert app.conf.broker_transport_options["queue_order_strategy"] == "sorted"
+    assert sorted(QUEUES) == list(QUEUES)
 
 
 def test_worker_argv() -> None:
@@ -273,7 +276,18 @@ def test_worker_argv() -> None:
     argv = cli_procs.worker_argv(parse("worker", "-c", "3", "--pool", "threads"), load_settings({}, env_file=None))
     assert argv[:5] == [sys.executable, "-m", "celery", "-A", "workers.celery_app"]
     assert argv[5] == "worker"
-    assert {"--concurrency=3", "--pool=threads", "--queues=credbroker", "--loglevel=INFO"} <= set(argv)
+    assert {"--concurrency=3", "--pool=threads", "--queues=credbroker,credbroker.refresh",
+            "--loglevel=INFO"} <= set(argv)
+    settings = load_settings({}, env_file=None)
+    assert "--queues=credbroker.refresh" in cli_procs.worker_argv(parse("worker", "--queues", "refresh"), settings)
+    # the order given does not matter: resolves are always served first
+    both = cli_procs.worker_argv(parse("worker", "-Q", "refresh,resolve"), settings)
+    assert "--queues=credbroker,credbroker.refresh" in both
+
+
+def test_worker_rejects_unknown_queues(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("worker", "--queues", "celery")
 
 
 def test_beat_argv_uses_the_state_dir() -> None:
