@@ -16,6 +16,7 @@ from broker.errors import BrokerError, NotConnected, SubjectTokenMissing, Unknow
 from tests.cluster import Cluster
 from tests.integration.test_cluster import sign_in
 from tests.integration.test_deadlines import DEADLINE, SLACK, Stalled, stalled  # noqa: F401  (fixture)
+from tests.integration.test_namespace import two  # noqa: F401  (fixture)
 from tests.secrets import register
 from workers.client import AsyncBrokerClient
 from workers.metrics import METRICS
@@ -119,6 +120,59 @@ def test_warm_queues_the_users_servers(cluster: Cluster, sandbox: Any) -> None:
     register(resolved.value.reveal()[7:])
     assert queued == ["tx"]  # gh: never connected, skipped
     assert _exchanges(sandbox) == 1  # the resolve joined or read what the warm minted
+
+
+def test_policy_hook_runs_in_the_caller_and_use_marks_reach_redis(cluster: Cluster, sandbox: Any) -> None:
+    import json
+
+    from broker.errors import PolicyDenied
+    from broker.servers import servers_from_settings
+    from workers.constants import used_zset
+
+    cluster.start_worker()
+    sign_in(cluster, sandbox, "frank")
+
+    async def main() -> None:
+        async with AsyncBrokerClient(settings=cluster.settings,
+                                     policy=lambda data: (data.server != "obo", "obo is off limits")) as client:
+            register((await client.resolve("frank", "tx", timeout=20)).value.reveal()[7:])
+            with pytest.raises(PolicyDenied, match="off limits"):
+                await client.resolve("frank", "obo", timeout=20)
+        # aclose flushed the buffered use marks
+
+    asyncio.run(main())
+    servers = servers_from_settings(cluster.settings)
+    marks = {tuple(json.loads(m)) for m in cluster.redis.zrange(used_zset(), 0, -1)}
+    assert ("frank", servers["tx"].key) in marks
+    assert ("frank", servers["obo"].key) not in marks  # denied: not in use
+
+
+@pytest.mark.parametrize("two", [("alpha", "beta")], indirect=True)
+def test_namespaces_keep_async_clients_apart(two: tuple[Cluster, Cluster], sandbox: Any) -> None:  # noqa: F811
+    a, b = two
+    for c in (a, b):
+        c.start_worker()
+        sign_in(c, sandbox, "erin")
+
+    async def main() -> list[str]:
+        out = []
+        for c, server in ((a, "a-tx"), (b, "b-tx")):
+            async with AsyncBrokerClient(settings=c.settings) as client:
+                for _ in range(2):  # a flight, then the fast path
+                    out.append((await client.resolve("erin", server, timeout=20)).value.reveal())
+                with pytest.raises(UnknownServer):  # each deployment knows only its own servers
+                    await client.resolve("erin", "b-tx" if c is a else "a-tx", timeout=5)
+        return out
+
+    headers = asyncio.run(main())
+    for h in headers:
+        register(h[7:])
+    assert headers[0] == headers[1] and headers[2] == headers[3] and headers[0] != headers[2]
+    assert _exchanges(sandbox) == 2
+    names = [k.decode() for k in a.redis.scan_iter(count=1000)]
+    assert names and all(n.startswith(("alpha:", "beta:")) for n in names), sorted(names)[:20]
+    assert any(n.startswith("alpha:credbroker:cache:") for n in names)
+    assert any(n.startswith("beta:credbroker:cache:") for n in names)
 
 
 async def _timed(coro: Any) -> tuple[float, str]:
