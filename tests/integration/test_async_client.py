@@ -105,6 +105,25 @@ def test_errors_are_the_sync_clients(cluster: Cluster, sandbox: Any) -> None:
     register(nc.connect_url.split("state=", 1)[1])
 
 
+def test_no_worker_times_out_at_the_deadline_and_says_why(cluster: Cluster, sandbox: Any) -> None:
+    from broker.errors import ResolveTimeout
+
+    sign_in(cluster, sandbox, "gina")  # no worker started: the flight's task waits in the queue
+
+    async def main() -> tuple[float, BrokerError]:
+        async with AsyncBrokerClient(settings=cluster.settings) as client:
+            started = time.monotonic()
+            try:
+                await client.resolve("gina", "tx", timeout=2)
+            except BrokerError as exc:
+                return time.monotonic() - started, exc
+        raise AssertionError("resolved without a worker")
+
+    took, exc = asyncio.run(main())
+    assert isinstance(exc, ResolveTimeout) and 1.9 < took < 2 + SLACK, (exc, took)
+    assert "no worker took them" in exc.message
+
+
 def test_warm_queues_the_users_servers(cluster: Cluster, sandbox: Any) -> None:
     cluster.start_worker()
     sign_in(cluster, sandbox, "dave")
