@@ -20,6 +20,7 @@ from workers.common.constants import AUDIT_STREAM, USED_ZSET
 
 from sandbox.hung import HungServer
 
+from .afastpath import run_async_fast_path
 from .backlog import run_backlog
 from .burst import run_burst
 from .dpop import run_dpop_fast_path
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
         timer.row("row 1b: DPoP proof on the fast path")
         run_dpop_fast_path(client, FAST_USERS, report, sizes.loop_reps, sizes.loop_seconds)
+        cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
+
+        timer.row("row 1c: async client fast path")
+        run_async_fast_path(cluster, client, report, sizes.loop_reps, sizes.loop_seconds)
         cluster.redis.delete(AUDIT_STREAM, USED_ZSET)
 
         timer.row("row 3: miss path")

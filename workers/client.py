@@ -3,116 +3,53 @@
 Fast path: one Redis GET of the sealed credential, cached until it is near
 expiry (the beat renews it from its refresh point on). Miss or near expiry: join or start the (user, server) flight
 and wait for its sealed result. Policy and audit run on every call, here, in
-the caller's process. Safe to share across threads.
+the caller's process. Safe to share across threads. The steps it shares with ``AsyncBrokerClient``
+(``workers.aclient``) live in ``workers.client_core``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
-from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import redis
-from kombu.exceptions import OperationalError as KombuOperationalError
 
-from broker.clock import Clock, SystemClock
 from broker.keyspace import key_prefix
-from broker.crypto import DecryptError, Sealer, parse_key, parse_master_keys, Keyring
-from broker.errors import BrokerError, NotConnected, ResolveTimeout, ServiceUnavailable, StoreDisabled, error_from_dict
-from broker.models import refresh_point
-from broker.policy import Policy, load_policy
-from broker.resolved import check_nonce, check_request_target, unbound
-from broker.resolver import Acquisition, Resolved, finish, record_failure
-from broker.servers import ServerConfig, ServerRegistry, servers_from_settings
-from broker.settings import Settings, load_settings
-from broker.validation import validate_server_name, validate_user_id
+from broker.errors import BrokerError, ResolveTimeout, ServiceUnavailable
+from broker.resolver import Acquisition, Resolved
+from broker.servers import ServerConfig
 
-from .celery.app import TASK_RESOLVE, make_celery
+from .celery.app import TASK_RESOLVE
+from .client_core import (DIAGNOSE_SECONDS, MAX_FLIGHT_RETRIES, RECLAIM_PAUSE, RETRY, TRANSPORT_ERRORS, ClientBase,
+                          Tally, claim_ttl_ms, parse_meta, transport_failure, warm_outcome)
 from .common.auditstream import StreamAuditSink
 from .common.constants import cache_key, flight_key, result_key
-from .common.deadline import DeadlinePassed, grace, within
+from .common.deadline import grace, within
 from .common.diagnose import explain_timeout
-from .common.embedded import session_environment
 from .common.flight import Claims, ResultWaiter, new_task_id
 from .common.metrics import METRICS
-from .common.outcomes import flight_result
 from .common.runtime import redis_client
-from .common.wire import connect_url_purpose, from_envelope, open_envelope, result_purpose
+from .aclient import AsyncBrokerClient  # the asyncio twin, re-exported here
 
-__all__ = ["BrokerClient", "Resolved"]
+__all__ = ["BrokerClient", "AsyncBrokerClient", "Resolved"]
 
 log = logging.getLogger(__name__)
-_MAX_FLIGHT_RETRIES = 5
-# Pause before claiming again when a flight was released under our feet.
-_RECLAIM_PAUSE = 0.01
-# How long a client's claim outlives its caller's deadline.
-_CLAIM_MARGIN_MS = 2000
-# The one look at Redis that explains a timeout may overrun the deadline by this.
-_DIAGNOSE_SECONDS = 0.1
 
 
-class BrokerClient:
+class BrokerClient(ClientBase):
     """Resolves per-user credentials through the broker's workers.
 
-    Reads the ``CREDBROKER_*`` settings; explicit arguments override them. A
-    gateway needs ``REDIS_URL``, ``SERVERS_FILE`` and ``TRANSPORT_KEY`` (or the
-    master keys, from which the transport key is derived) — never the
-    database.
+    Arguments: ``workers.client_core.ClientBase``; ``connection`` is a
+    ``redis.Redis``.
     """
 
-    def __init__(
-        self,
-        *,
-        redis_url: str | None = None,
-        servers: ServerRegistry | None = None,
-        transport_key: str | bytes | None = None,
-        master_keys: str | None = None,
-        policy: Policy | str | None = None,
-        timeout: float | None = None,
-        settings: Settings | None = None,
-        environ: Mapping[str, str] | None = None,
-        clock: Clock | None = None,
-        connection: redis.Redis | None = None,
-        audit: StreamAuditSink | None = None,
-    ) -> None:
-        # Beside a running `credbroker up` (its .credbroker/session.env), its settings apply here too.
-        s = settings or load_settings(session_environment() if environ is None else environ)
-        changes: dict[str, Any] = {}
-        if redis_url is not None:
-            changes["redis_url"] = redis_url
-        if transport_key is not None:
-            changes["transport_key"] = (
-                transport_key if isinstance(transport_key, bytes) else parse_key(transport_key, "transport_key")
-            )
-        if master_keys is not None:
-            changes["keyring"] = Keyring.from_mapping(parse_master_keys(master_keys, "master_keys"))
-        if timeout is not None:
-            changes["resolve_timeout"] = float(timeout)
-        self.settings = dataclasses.replace(s, **changes) if changes else s
-        self.servers = servers if servers is not None else servers_from_settings(self.settings)
-        self.sealer: Sealer | None = self.settings.sealer()
-        self.clock = clock or SystemClock()
-        self.policy: Policy = load_policy(policy) if isinstance(policy, str) or policy is None else policy
-        if policy is None and self.settings.policy:
-            self.policy = load_policy(self.settings.policy)
+    def _open(self, connection: redis.Redis | None, audit: StreamAuditSink | None) -> None:
         # A process that already has a Redis pool and audit sink (the API) shares them.
-        self._owns_connection = connection is None
         self.redis = connection if connection is not None else redis_client(self.settings)
         self.claims = Claims(self.redis)
-        self.celery = make_celery(self.settings)
-        # This client's deployment, which need not be its process's (a test or a
-        # gateway may talk to several): every name it builds says it explicitly.
-        self._ns = self.settings.namespace
-        self._config = self.servers.fingerprint
         self.waiter = ResultWaiter(self.redis, self._meta, result_key("", self._ns))
-        self._owns_audit = audit is None
         self.audit = audit if audit is not None else StreamAuditSink(self.redis, namespace=self._ns)
-        self._near = timedelta(seconds=self.settings.near_expiry_seconds)
-        self._fraction = self.settings.refresh_fraction
 
     # -- public --------------------------------------------------------------
 
@@ -125,33 +62,16 @@ class BrokerClient:
         fresh proof, signed here in the caller's process; ``Resolved.apply``
         sets both headers and ``Resolved.dpop_proof`` mints more. ``dpop_nonce``:
         the resource server's latest ``DPoP-Nonce``, put in the proof."""
-        started = time.perf_counter()
         # Every Redis call below, the fast path's included, obeys this deadline.
-        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
-        path = "fast"
-        try:
-            validate_user_id(user_id)
-            validate_server_name(server)
-            if method is not None or url is not None:
-                check_request_target(method or "", url or "")
-            check_nonce(dpop_nonce)
-            srv = self.servers.get_server(server)
-            if self.sealer is None:
-                raise StoreDisabled("no transport key: set CREDBROKER_TRANSPORT_KEY or CREDBROKER_MASTER_KEYS")
+        deadline = self.core.deadline(timeout)
+        with Tally() as tally:
+            srv = self.core.check(user_id, server, method, url, dpop_nonce)
             with within(deadline):
                 acq = self._from_cache(user_id, srv)
                 if acq is None:
-                    path = "flight"
+                    tally.path = "flight"
                     acq = self._from_flight(user_id, srv, deadline, request_id)
-            resolved = finish(self.policy, self.audit, self.clock, user_id, srv, acq, request_id,
-                              method=method, url=url, dpop_nonce=dpop_nonce)
-            self.audit.mark_used(user_id, srv.key)
-        except BrokerError as exc:
-            METRICS.inc("credbroker_resolves_total", outcome=exc.code, path=path)
-            raise
-        METRICS.inc("credbroker_resolves_total", outcome="ok", path=path)
-        METRICS.observe("credbroker_resolve_seconds", time.perf_counter() - started, path=path)
-        return resolved
+            return self.core.finish(self.audit, user_id, srv, acq, request_id, method, url, dpop_nonce)
 
     def warm(self, user_id: str, servers: list[str] | None = None, timeout: float | None = None) -> list[str]:
         """Warm the user's credentials (every configured server, or ``servers``)
@@ -160,24 +80,15 @@ class BrokerClient:
         are left out; ``POST /v1/warm`` also says why."""
         from .celery.app import TASK_WARM_USER
 
-        validate_user_id(user_id)
-        if servers is not None:
-            servers = [self.servers.get_server(validate_server_name(s)).name for s in servers]
+        servers = self.core.warm_servers(user_id, servers)
         task_id = new_task_id()
-        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.resolve_timeout)
+        deadline = self.core.deadline(timeout)
         try:
             self.celery.send_task(TASK_WARM_USER, args=[user_id, servers], task_id=task_id)
             meta = self.waiter.wait(task_id, deadline, lambda: True)
-        except (redis.RedisError, KombuOperationalError, OSError):
+        except TRANSPORT_ERRORS:
             raise ServiceUnavailable("Redis unavailable") from None
-        if meta is None:
-            raise ResolveTimeout()
-        result = meta.get("result") if meta.get("status") == "SUCCESS" else None
-        if not isinstance(result, dict):
-            raise ServiceUnavailable("the warm request failed; check the workers")
-        if "error" in result:
-            raise error_from_dict(result["error"])
-        return [str(s) for s in result.get("queued", [])]
+        return warm_outcome(meta)
 
     def close(self) -> None:
         self.waiter.close()
@@ -196,57 +107,20 @@ class BrokerClient:
     # -- fast path -------------------------------------------------------------
 
     def _from_cache(self, user_id: str, server: ServerConfig) -> Acquisition | None:
-        assert self.sealer is not None
         key = cache_key(user_id, server.key, self._ns)
         try:
             blob = self.redis.get(key)
         except redis.RedisError:
             raise ServiceUnavailable("Redis unavailable") from None
-        if blob is None:
-            return None
-        try:
-            acq = from_envelope(open_envelope(self.sealer, blob, key), user_id, server.key)
-        except (DecryptError, ValueError, KeyError):
-            return None  # sealed under an older transport key, or corrupt: take the flight
-        cred = acq.credential
-        if cred.expires_at is not None and self.clock.now() >= cred.expires_at - self._near:
-            return None  # near expiry: take the flight, which renews
-        if unbound(server, cred):
-            return None  # cached before dpop was turned on: the flight renews it with a key
-        return acq  # the cached copy is already classified as an inject
+        return self.core.from_cache(blob, key, user_id, server)
 
     # -- flight ------------------------------------------------------------------
 
-    def _flight_error(self, result: dict[str, Any], task_id: str) -> BrokerError:
-        """The flight's error, with its connect URL unsealed (it holds a live state)."""
-        exc = error_from_dict(result["error"])
-        sealed = result.get("connect_url_sealed")
-        if isinstance(exc, NotConnected) and isinstance(sealed, str) and self.sealer is not None:
-            try:
-                exc.connect_url = self.sealer.open(sealed, connect_url_purpose(task_id)).decode()
-            except DecryptError:
-                exc.connect_url = None
-        return exc
-
-    def _due(self, acq: Acquisition) -> bool:
-        """Past its refresh point, so a resolve of our own should renew it."""
-        cred = acq.credential
-        point = refresh_point(cred.issued_at, cred.expires_at, self._near, self._fraction)
-        return point is not None and self.clock.now() >= point
-
     def _meta(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(result_key(task_id, self._ns))
-        if raw is None:
-            return None
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            return None
-        return meta if isinstance(meta, dict) else None
+        return parse_meta(self.redis.get(result_key(task_id, self._ns)))
 
     def _from_flight(self, user_id: str, server: ServerConfig, deadline: float,
                      request_id: str | None) -> Acquisition:
-        assert self.sealer is not None
         key = flight_key(user_id, server.key, self._ns)
         failures = 0
 
@@ -255,7 +129,7 @@ class BrokerClient:
             nonlocal failures
             failures += 1
             self.claims.release(key, task_id)
-            if failures > _MAX_FLIGHT_RETRIES:
+            if failures > MAX_FLIGHT_RETRIES:
                 raise ServiceUnavailable("resolve flights kept failing; check the workers")
 
         try:
@@ -264,15 +138,10 @@ class BrokerClient:
                     raise ResolveTimeout()
                 task_id = new_task_id()
                 joined = False
-                # A claim outlives its caller by a little: a task that has not
-                # started by then (Redis stalled, workers busy) loses the pair to
-                # the next caller instead of leaving joiners waiting on nothing.
-                claim_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + _CLAIM_MARGIN_MS
-                if self.claims.claim(key, task_id, claim_ms):
+                if self.claims.claim(key, task_id, claim_ttl_ms(deadline)):
                     try:
-                        # The fingerprint lets a worker of another configuration refuse it.
                         self.celery.send_task(TASK_RESOLVE, args=[user_id, server.name], task_id=task_id,
-                                              kwargs={"config": self._config})
+                                              kwargs={"config": self.core.config})
                     except BaseException:
                         # No task will ever run under this claim: free the pair at once.
                         self.claims.release(key, task_id)
@@ -286,7 +155,7 @@ class BrokerClient:
                         cached = self._from_cache(user_id, server)
                         if cached is not None:
                             return cached
-                        time.sleep(_RECLAIM_PAUSE)
+                        time.sleep(RECLAIM_PAUSE)
                         continue
                     task_id, joined = holder, True
                     METRICS.inc("credbroker_flight_joins_total")
@@ -296,42 +165,15 @@ class BrokerClient:
                     if time.monotonic() >= deadline:
                         raise ResolveTimeout()
                     continue  # the flight vanished (worker lost): claim again
-                result = flight_result(meta)
-                if not isinstance(result, dict) or result.get("superseded"):
-                    retry(task_id)
-                    continue
-                # A joined flight that had finished before we arrived holds a claim
-                # its worker never released (it died after storing the result): that
-                # result did not answer this call.
-                stale_join = joined and finished_before
-                if "error" in result:
-                    if result.get("trigger") in ("refresh", "warm") or stale_join:
-                        retry(task_id)  # a background refresh failed, or an old answer: fly ourselves
-                        continue
-                    raise self._flight_error(result, task_id)
-                try:
-                    acq = from_envelope(open_envelope(self.sealer, result["ok"], result_purpose(task_id)),
-                                        user_id, server.key)
-                except (DecryptError, ValueError, KeyError):
-                    raise BrokerError("flight result could not be opened: check that "
-                                      "CREDBROKER_TRANSPORT_KEY matches the workers'") from None
-                if stale_join and self._due(acq):
+                acq = self.core.read_flight(meta, task_id, joined, finished_before, user_id, server)
+                if acq is RETRY:
                     retry(task_id)
                     continue
                 return acq
-        except BrokerError as exc:
-            failure: BrokerError = exc
-            explain = isinstance(exc, ResolveTimeout)
-        except DeadlinePassed:
-            # The next Redis call fell after the deadline (typically the last
-            # liveness check of a wait): the caller's time is up, not Redis.
-            failure, explain = ResolveTimeout(), True
-        except (redis.RedisError, KombuOperationalError, OSError):
-            # Redis stalled or failed; past the deadline, that is the caller's timeout.
-            failure = ResolveTimeout() if time.monotonic() >= deadline else ServiceUnavailable("Redis unavailable")
-            explain = False
+        except (BrokerError, *TRANSPORT_ERRORS) as exc:
+            failure, explain = transport_failure(exc, deadline)
         if explain:
-            with grace(_DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
+            with grace(DIAGNOSE_SECONDS):  # no worker? say so (the queue's key is namespaced)
                 failure = explain_timeout(self.redis, key_prefix(self._ns) + self.celery.conf.task_default_queue)
-        record_failure(self.audit, self.clock, user_id, server, failure, request_id)
+        self.core.failed(self.audit, user_id, server, failure, request_id)
         raise failure from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker import __version__
+from broker.audit import Action, Outcome
 
 __all__ = ["OPENAPI"]
 
@@ -128,9 +129,9 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "integer"}, "ts": {"type": "string", "format": "date-time"},
             "user_id": {"type": ["string", "null"]}, "server": {"type": ["string", "null"]},
             "method": {"type": ["string", "null"]},
-            "action": {"type": "string", "enum": ["inject", "acquire", "refresh", "connect", "revoke", "disconnect",
-                                                  "subject_token"]},
-            "outcome": {"type": "string", "enum": ["success", "failure", "denied", "stale"]},
+            # From the enums themselves, so a new action (erase) cannot drift from the document.
+            "action": {"type": "string", "enum": [a.value for a in Action]},
+            "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
             "reason": {"type": ["string", "null"]}, "request_id": {"type": ["string", "null"]},
         },
     },

@@ -23,7 +23,7 @@ from workers.common.auditstream import persist_audit_batch, pop_used, restore_us
 from workers.common.constants import CACHE_MAX_SECONDS, beat_lock, cache_key, flight_key
 from workers.common.flight import FlightGuard, new_task_id
 from workers.common.metrics import cluster_incr, cluster_set
-from workers.common.outcomes import raise_if_failed
+from workers.common.outcomes import FlightFailed, raise_if_failed
 from workers.common.runtime import Runtime, runtime
 from workers.common.upstream_guard import MAX_WAIT_SECONDS, REFRESH_MAX_WAIT_SECONDS, slot_wait
 from workers.common.wire import connect_url_purpose, result_purpose, seal_envelope, to_envelope
@@ -149,7 +149,7 @@ def _count_start() -> None:
         pass
 
 
-@app.task(name=TASK_RESOLVE, bind=True)
+@app.task(name=TASK_RESOLVE, bind=True, throws=(FlightFailed,))
 def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Acquire or renew the credential for (user, server) as the pair's one flight;
     ``config`` is the sender's servers fingerprint."""
@@ -157,7 +157,7 @@ def resolve(self: Any, user_id: str, server: str, config: str | None = None) -> 
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "resolve", config))
 
 
-@app.task(name=TASK_REFRESH, bind=True)
+@app.task(name=TASK_REFRESH, bind=True, throws=(FlightFailed,))
 def refresh(self: Any, user_id: str, server: str, config: str | None = None) -> dict[str, Any]:
     """Proactively renew (user, server) if it is due; joins the same flights."""
     _count_start()

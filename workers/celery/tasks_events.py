@@ -28,7 +28,7 @@ from workers.actions.warm import warm_user
 from workers.common.auditstream import persist_audit_batch
 from workers.common.constants import PREFIX
 from workers.common.metrics import cluster_incr
-from workers.common.outcomes import raise_if_failed
+from workers.common.outcomes import FlightFailed, raise_if_failed
 from workers.common.runtime import Runtime, runtime
 from .app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
 from .tasks import _run_flight
@@ -57,7 +57,7 @@ class WebhookDeliveryFailed(Exception):
 # -- warm ---------------------------------------------------------------------------
 
 
-@app.task(name=TASK_WARM, bind=True)
+@app.task(name=TASK_WARM, bind=True, throws=(FlightFailed,))
 def warm(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """A warm flight: the resolve ordering for (user, server) with no caller."""
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "warm"))

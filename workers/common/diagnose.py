@@ -13,7 +13,7 @@ import redis
 
 from broker.errors import ResolveTimeout
 
-__all__ = ["explain_timeout"]
+__all__ = ["explain_timeout", "explain_waiting"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def explain_timeout(client: Any, queue: str) -> ResolveTimeout:
         waiting = int(client.llen(queue))
     except (redis.RedisError, OSError, TypeError, ValueError):
         return ResolveTimeout()
+    return explain_waiting(waiting, queue)
+
+
+def explain_waiting(waiting: int, queue: str) -> ResolveTimeout:
+    """The timeout for ``waiting`` tasks left in ``queue`` (the async client reads the count itself)."""
     if waiting <= 0:
         return ResolveTimeout()
     log.warning("resolve timed out with %d task(s) waiting in queue %s", waiting, queue)

@@ -30,7 +30,8 @@ import redis
 
 from .constants import FLIGHT_HEARTBEAT_MS, RESULT_CHANNEL_PREFIX, TASK_ID_PREFIX
 
-__all__ = ["Claims", "FlightGuard", "ResultWaiter", "new_task_id", "execution_value", "task_of"]
+__all__ = ["Claims", "FlightGuard", "ResultWaiter", "new_task_id", "execution_value", "task_of", "finished_task",
+           "CAS_DELETE", "READY"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ _ENTER = (
 )
 _SEP = "/"
 _READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+# Public names for the async client, which shares the script and the states.
+CAS_DELETE = _CAS_DELETE
+READY = _READY
 
 
 def new_task_id() -> str:
@@ -67,6 +71,18 @@ def new_task_id() -> str:
 def execution_value(task_id: str) -> str:
     """The claim value of one execution of ``task_id`` (also its lease owner)."""
     return task_id + _SEP + uuid.uuid4().hex[:16]
+
+
+def finished_task(msg: dict[str, Any], skip: int) -> str | None:
+    """The task id a result-channel message announces as finished, else None
+    (``skip``: the channel prefix's length)."""
+    channel = msg["channel"]
+    channel = channel.decode() if isinstance(channel, bytes) else channel
+    try:
+        status = json.loads(msg["data"]).get("status")
+    except (ValueError, AttributeError):
+        return None
+    return channel[skip:] if status in _READY else None
 
 
 def task_of(value: str) -> str:
@@ -207,14 +223,9 @@ class ResultWaiter:
                     msg = pubsub.get_message(timeout=0.5)
                     if not msg or msg.get("type") != "pmessage":
                         continue
-                    channel = msg["channel"]
-                    channel = channel.decode() if isinstance(channel, bytes) else channel
-                    try:
-                        status = json.loads(msg["data"]).get("status")
-                    except (ValueError, AttributeError):
-                        continue
-                    if status in _READY:
-                        self._wake(channel[skip:])
+                    task_id = finished_task(msg, skip)
+                    if task_id is not None:
+                        self._wake(task_id)
             except (redis.RedisError, OSError, ValueError):
                 # Redis went away (or the client is closing): back off, resubscribe.
                 self._stopped.wait(delay)

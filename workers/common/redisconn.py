@@ -28,7 +28,7 @@ from broker.settings import Settings
 
 from .deadline import DeadlineConnection, DeadlinePool, DeadlineSentinelConnection
 
-__all__ = ["RedisTarget", "parse_redis_url", "redis_client", "sentinel_kwargs", "SOCKET_TIMEOUT", "CONNECT_TIMEOUT",
+__all__ = ["RedisTarget", "parse_redis_url", "redis_client", "async_redis_client", "sentinel_kwargs", "SOCKET_TIMEOUT", "CONNECT_TIMEOUT",
            "SENTINEL_TIMEOUT", "HEALTH_CHECK_SECONDS"]
 
 # A Redis command here takes milliseconds; 5 s without a byte means the server
@@ -110,15 +110,40 @@ def _sentinel(target: RedisTarget) -> Sentinel:
     return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs(target.sentinel_password))
 
 
+def _common(socket_timeout: float, connect_timeout: float, retry: Any) -> dict[str, Any]:
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout, "socket_keepalive": True,
+            "health_check_interval": HEALTH_CHECK_SECONDS, "retry": retry}
+
+
+def async_redis_client(settings: Settings, *, max_connections: int = 128,
+                       socket_timeout: float = SOCKET_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT) -> Any:
+    """A ``redis.asyncio`` client for the same target. Coroutines queue for one
+    of ``max_connections`` connections; the caller's deadline is the awaiting
+    task's own timeout (``asyncio.timeout``), which cancels a stalled call."""
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    target = parse_redis_url(settings.redis_url)
+    common = _common(socket_timeout, connect_timeout, AsyncRetry(NoBackoff(), 2))
+    if target.is_sentinel:
+        sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs={
+            **sentinel_kwargs(target.sentinel_password), "retry": AsyncRetry(NoBackoff(), 0)})
+        return sentinel.master_for(target.master_name, db=target.db, username=target.username,
+                                   password=target.password, **common)
+    if target.url.startswith("unix://"):
+        common.pop("socket_keepalive")
+    pool = aredis.BlockingConnectionPool.from_url(target.url, max_connections=max_connections, timeout=None,
+                                                  **common)
+    return aredis.Redis.from_pool(pool)
+
+
 def redis_client(settings: Settings, *, max_connections: int = 1024, pool_timeout: float = 10.0,
                  socket_timeout: float = SOCKET_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT) -> redis.Redis:
     """A pooled client: callers queue for a connection (up to ``pool_timeout``,
     or their deadline) instead of failing at once when the pool is busy."""
     target = parse_redis_url(settings.redis_url)
-    common: dict[str, Any] = {
-        "socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout, "socket_keepalive": True,
-        "health_check_interval": HEALTH_CHECK_SECONDS, "retry": _RETRY,
-    }
+    common = _common(socket_timeout, connect_timeout, _RETRY)
     if target.is_sentinel:
         return _sentinel(target).master_for(
             target.master_name, connection_class=DeadlineSentinelConnection, db=target.db,
