@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT = 150  # the smoke run takes ~35 s on 2 cores; leave room for a loaded CI machine
-ROWS = ("1", "1b", "2", "3", "4", "5", "6", "7", "8", "9")
+ROWS = ("1", "1b", "1c", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 60)
