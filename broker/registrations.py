@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Column, Engine, LargeBinary, String, Table, Text, delete, insert, select, update
+from sqlalchemy import Column, Engine, LargeBinary, String, Table, Text, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .clock import Clock, SystemClock
@@ -178,6 +178,38 @@ class RegistrationStore:
                 status="ready", claim_until=None, discovered=json.dumps(discovered.to_dict()),
                 ciphertext=blob, key_id=self.keyring.active_kid, updated_at=now))
         return ClientRegistration(server_key, generation, discovered, client)
+
+    def count_stale_keys(self) -> int:
+        """Registered clients not yet under the active key."""
+        if self.keyring is None:
+            return 0
+        t = registered_clients
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(t).where(
+                t.c.status == "ready", t.c.key_id != self.keyring.active_kid)).scalar_one())
+
+    def reencrypt(self) -> tuple[int, int]:
+        """Move every registered client to the active key (rotate-keys); returns
+        (rewritten, unreadable). A registration is one row per server, so there
+        are few: one pass, each row rewritten only if its generation is unchanged."""
+        if self.keyring is None:
+            return 0, 0
+        t, kid = registered_clients, self.keyring.active_kid
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t).where(t.c.status == "ready", t.c.key_id != kid)).all()
+        rewritten = unreadable = 0
+        for row in rows:
+            ad = record_ad(KIND_CLIENT, "", row.server_key)
+            try:
+                plain = self.keyring.decrypt(bytes(row.ciphertext), ad)
+            except Exception:  # noqa: BLE001 - no configured key opens it: it re-registers on use
+                unreadable += 1
+                continue
+            with self.engine.begin() as conn:
+                rewritten += conn.execute(update(t).where(
+                    t.c.server_key == row.server_key, t.c.generation == row.generation, t.c.key_id == row.key_id,
+                ).values(ciphertext=self.keyring.encrypt(plain, ad), key_id=kid)).rowcount
+        return rewritten, unreadable
 
     def _ready(self, row: Any) -> ClientRegistration | None:
         if row is None or row.status != "ready" or self.keyring is None:

@@ -171,3 +171,24 @@ def test_a_failed_discovery_is_answered_from_the_row_then_retried(engine, clock)
     with pytest.raises(UpstreamError):
         store.get_or_register(key, failing)
     assert len(calls) == 2
+
+
+def test_rotate_keys_moves_registered_clients_to_the_new_key(engine) -> None:  # type: ignore[no-untyped-def]
+    """rotate-keys covers dynamically registered clients: after it, the old key
+    can be dropped and the client is still known (no re-registration, no forced
+    reconnect of the users connected through it)."""
+    from broker.crypto import Keyring
+
+    found = discover(MCP, fetcher(documents()), resolve=resolve)
+    old = make_keyring("old")
+    key = f"key-{uuid.uuid4().hex}"
+    RegistrationStore(engine, old).get_or_register(
+        key, lambda: (found, Registered("client-1", "secret-value-xyz", "client_secret_post")))
+    new = Keyring(make_keyring("new").keys + old.keys)  # the new key first, the old one still readable
+    rotating = RegistrationStore(engine, new)
+    assert rotating.count_stale_keys() >= 1
+    rewritten, unreadable = rotating.reencrypt()
+    assert rewritten >= 1 and unreadable == 0 and rotating.count_stale_keys() == 0
+    only_new = RegistrationStore(engine, Keyring(new.keys[:1]))
+    kept = only_new.get(key)
+    assert kept is not None and kept.client.client_id == "client-1"

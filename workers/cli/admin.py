@@ -10,6 +10,7 @@ import time
 from typing import IO, Any
 
 from broker.errors import ServiceUnavailable
+from broker.registrations import RegistrationStore, registered_clients
 
 from .common import UsageError, add_command, configure_logging, emit_json, open_store, settings, table
 
@@ -112,7 +113,7 @@ class Progress:
 
 
 def _records_by_key(store: Any) -> dict[str, int]:
-    """Record counts per key id, both tables together (for --dry-run)."""
+    """Record counts per key id, every sealed table together (for --dry-run)."""
     from sqlalchemy import func, select
 
     from broker.db import credentials, subject_tokens
@@ -122,6 +123,10 @@ def _records_by_key(store: Any) -> dict[str, int]:
         for t in (credentials, subject_tokens):
             for kid, n in conn.execute(select(t.c.key_id, func.count()).group_by(t.c.key_id)):
                 counts[kid] = counts.get(kid, 0) + int(n)
+        ready = registered_clients.c.status == "ready"
+        for kid, n in conn.execute(select(registered_clients.c.key_id, func.count()).where(ready)
+                                   .group_by(registered_clients.c.key_id)):
+            counts[kid] = counts.get(kid, 0) + int(n)
     return counts
 
 
@@ -130,8 +135,9 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     store = open_store(settings())
+    clients = RegistrationStore(store.engine, store.keyring)
     try:
-        total = store.count_stale_keys()  # raises StoreDisabled without a master key
+        total = store.count_stale_keys() + clients.count_stale_keys()  # StoreDisabled without a master key
         active = store.keyring.active_kid
         if args.dry_run:
             by_key = _records_by_key(store)
@@ -152,13 +158,19 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         progress = Progress(total, sys.stderr)
         try:
             report = store.reencrypt(batch_size=args.batch_size, on_batch=progress.advance)
+            # Dynamically registered clients (MCP discovery) ride the same keyring.
+            rewritten, unreadable = clients.reencrypt()
+            report.rewritten += rewritten
+            report.unreadable += unreadable
+            if rewritten + unreadable:
+                progress.advance(rewritten + unreadable)
         except KeyboardInterrupt:
             progress.finish()
             print(f"interrupted after {progress.done} record(s); run `credbroker rotate-keys` again to continue",
                   file=sys.stderr)
             return 130
         progress.finish()
-        left = store.count_stale_keys()
+        left = store.count_stale_keys() + clients.count_stale_keys()
     finally:
         store.engine.dispose()
     summary = {"active_key": active, "rewritten": report.rewritten, "already_current": report.already_current,
