@@ -131,13 +131,7 @@ class RedisStateStore:
 
     def binding(self, state: str) -> str | None:
         key = state_key(state) + _BIND
-        raw = self.redis.get(key)
-        if raw is None:
-            return None
-        try:
-            return self.sealer.open(raw, key).decode()
-        except (DecryptError, UnicodeDecodeError):
-            return None
+        return self._open_text(self.redis.get(key), key)
 
     def put_code(self, state: str, code: str, ttl: int) -> None:
         key = state_key(state) + _CODE
@@ -145,7 +139,10 @@ class RedisStateStore:
 
     def take_code(self, state: str) -> str | None:
         key = state_key(state) + _CODE
-        raw = self.redis.getdel(key)
+        return self._open_text(self.redis.getdel(key), key)
+
+    def _open_text(self, raw: bytes | None, key: str) -> str | None:
+        """A sealed short text (binding digest, parked code); tampered or absent reads as None."""
         if raw is None:
             return None
         try:
