@@ -111,3 +111,41 @@ def _try(client: Any, user: str) -> Any:
         return client.resolve(user, "tx", timeout=10)
     except ServiceUnavailable:
         return None
+
+
+def test_worker_survives_a_redis_restart_with_a_flight_unacknowledged(tmp_path: Path, sandbox: Any) -> None:
+    """A Redis restart while a task is unacknowledged: kombu 5.7 restores the
+    unacked messages while closing the channel, through a connection the
+    transport has already dropped, and the worker died ("Unrecoverable error:
+    AttributeError ... 'hostname'"): in the chaos run every worker at once.
+    ``workers.celery.transport`` keeps the connection info for that restore."""
+    private = PrivateRedis(tmp_path)
+    private.start()
+    c = Cluster(tmp_path, sandbox.url, redis_url=private.url)
+    try:
+        worker = c.start_worker()
+        sign_in(c, sandbox, "slow")
+        sign_in(c, sandbox, "after")
+        sandbox.provider.set_latency("token", 2000)  # the flight is in the provider call when Redis goes
+        with c.client() as client:
+            def slow() -> None:
+                try:
+                    client.resolve("slow", "tx", timeout=10)
+                except Exception:  # noqa: BLE001 - its answer may be lost with Redis; the point is the worker
+                    pass
+
+            caller = threading.Thread(target=slow, daemon=True)
+            caller.start()
+            wait_for(lambda: b"broker.resolve" in c.logs["w1"].read_bytes() and b"received" in c.logs["w1"].read_bytes(),
+                     20, what="the flight to reach the worker")
+            private.kill()
+            private.start()
+            caller.join(30)
+            sandbox.provider.set_latency("token", 0)
+            resolved = wait_for(lambda: _try(client, "after"), 40, 0.2, what="a resolve after the restart")
+            assert resolved.value.reveal().startswith("Bearer ")
+        assert worker.poll() is None, "the worker exited after the Redis restart"
+        assert "Unrecoverable error" not in c.log("w1")
+    finally:
+        c.stop()
+        private.stop()

@@ -1,11 +1,13 @@
 """kombu's Redis transports with our connection classes (``workers.common.deadline``).
 
 Used by every process: senders' publishes obey their caller's deadline, and
-workers get one fix for the Sentinel transport: when the master dies, closing
-the channel restores unacknowledged messages through a connection the closing
-transport has already dropped (kombu 5.7 then fails with ``AttributeError``
-and the worker exits with "Unrecoverable error"). The channel keeps its
-connection info so the restore goes to the new master instead.
+workers get one fix for both transports: when Redis goes away (a restart, a
+Sentinel master's death), closing the channel restores unacknowledged messages
+through a connection the closing transport has already dropped (kombu 5.7
+then fails with ``AttributeError: 'NoneType' object has no attribute
+'hostname'`` and the worker exits with "Unrecoverable error": a plain Redis
+restart killed every worker in the chaos test). The channel keeps its
+connection info so the restore goes to the Redis that answers again instead.
 """
 
 from __future__ import annotations
@@ -19,16 +21,8 @@ from workers.common.deadline import DeadlineConnection, DeadlineSentinelConnecti
 __all__ = ["Transport", "SentinelTransport", "TRANSPORT", "SENTINEL_TRANSPORT"]
 
 
-class _Channel(kombu_redis.Channel):
-    connection_class = DeadlineConnection
-
-
-class Transport(kombu_redis.Transport):
-    Channel = _Channel
-
-
-class _SentinelChannel(kombu_redis.SentinelChannel):
-    connection_class = DeadlineSentinelConnection
+class _KeepsConnInfo(kombu_redis.Channel):
+    """Remembers the connection info, for the restore that runs while closing."""
 
     def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
         self._conninfo = connection.client
@@ -43,6 +37,18 @@ class _SentinelChannel(kombu_redis.SentinelChannel):
             return super()._get_pool(asynchronous)
         finally:
             transport.client = None
+
+
+class _Channel(_KeepsConnInfo):
+    connection_class = DeadlineConnection
+
+
+class Transport(kombu_redis.Transport):
+    Channel = _Channel
+
+
+class _SentinelChannel(_KeepsConnInfo, kombu_redis.SentinelChannel):
+    connection_class = DeadlineSentinelConnection
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
