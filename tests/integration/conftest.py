@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
+from broker.clock import FakeClock
+from broker.oauth.client import OAuthClient
+from broker.oauth.discovery import MetadataCache
+from broker.oauth.sender import TokenEndpointSender, make_http_client
+from broker.settings import Settings
 from sandbox import SandboxProvider, run_sandbox
 from tests.cluster import Cluster, redis_available
 from tests.conftest import REDIS_TEST_URL, missing_service
@@ -49,3 +55,17 @@ def pg_url(pg_database: str) -> str:
         conn.execute(text("TRUNCATE credentials, subject_tokens, audit_events, connection_events, event_cursors, webhook_deliveries RESTART IDENTITY"))
     eng.dispose()
     return pg_database
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """An httpx client for authorization servers, as the workers build it."""
+    client = make_http_client(Settings(http_read_timeout=5.0))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def oauth(http: httpx.Client, clock: FakeClock) -> OAuthClient:
+    """The OAuth port with short retries, on the injected clock."""
+    return OAuthClient(TokenEndpointSender(http, retry_seconds=2, max_attempts=2), MetadataCache(), clock)

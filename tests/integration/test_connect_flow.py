@@ -18,7 +18,6 @@ from http.client import HTTPConnection
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 import redis
 from sqlalchemy import Engine
@@ -30,15 +29,11 @@ from broker.crypto import Sealer
 from broker.errors import BrokerError, ConnectUserMismatch, InvalidRequest, InvalidState, NotConnected, UpstreamError
 from broker.models import CredentialStatus, ObtainedVia
 from broker.oauth import (
-    MetadataCache,
     OAuthClient,
-    TokenEndpointSender,
-    make_http_client,
 )
 from broker.resolver import Resolver
 from sandbox import SandboxHandle, s256
 from broker.servers import ServerRegistry, parse_servers
-from broker.settings import Settings
 from broker.state import STATE_PREFIX, RedisStateStore
 from broker.store import CredentialStore
 from tests.conftest import make_keyring
@@ -64,18 +59,6 @@ def registry(sandbox_url: str, client_secret: str, gh_url: str = "https://gh.ups
          "auth_broker": {"mode": "token_exchange", "token_endpoint": f"{sandbox_url}/token",
                          "client_id": "broker-client", "client_secret": client_secret}},
     ]})
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    client = make_http_client(Settings(http_read_timeout=5.0))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def oauth(http: httpx.Client, clock: FakeClock) -> OAuthClient:
-    return OAuthClient(TokenEndpointSender(http, retry_seconds=2, max_attempts=2), MetadataCache(), clock)
 
 
 @pytest.fixture

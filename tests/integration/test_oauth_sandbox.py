@@ -8,7 +8,6 @@ replayed refresh token that makes the provider revoke the whole family.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from http.client import HTTPConnection
 from typing import Any
@@ -25,7 +24,6 @@ from broker.oauth import (
     MetadataCache,
     OAuthClient,
     TokenEndpointSender,
-    make_http_client,
 )
 from broker.oauth.pkce import new_state, new_verifier
 from broker.resolver import Resolver
@@ -37,7 +35,6 @@ from sandbox import (
 )
 from broker.secret import Secret
 from broker.servers import ServerRegistry, parse_servers
-from broker.settings import Settings
 from broker.store import CredentialStore
 from tests.secrets import canary, register
 
@@ -65,13 +62,6 @@ def registry(sandbox_url: str, client_secret: str, **overrides: dict[str, Any]) 
         if server["name"] in overrides:
             server["auth_broker"] = overrides[server["name"]]
     return parse_servers({"servers": servers})
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    client = make_http_client(Settings(http_read_timeout=5.0))
-    yield client
-    client.close()
 
 
 def make_oauth(http: httpx.Client, clock: Any = None) -> OAuthClient:

@@ -15,20 +15,18 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 
 from broker.audit import MemoryAuditSink
 from broker.clock import FakeClock
 from broker.errors import UpstreamError
 from broker.models import Credential, ObtainedVia
-from broker.oauth import MetadataCache, OAuthClient, TokenEndpointSender, make_http_client
+from broker.oauth import OAuthClient
 from broker.oauth.pkce import new_state, new_verifier
 from broker.resolver import Resolver
 from sandbox import SandboxHandle, run_sandbox
 from broker.secret import Secret
 from broker.servers import ServerConfig, ServerRegistry, parse_servers
-from broker.settings import Settings
 from broker.store import CredentialStore
 from tests.integration.oauth_harness import RegisteringProvider, store  # noqa: F401 - fixture
 from tests.integration.test_oauth_sandbox import browser_get
@@ -73,18 +71,6 @@ def sandbox(secret: str) -> Iterator[SandboxHandle]:
     with provider.lock:
         for token in [*provider.store.refresh, *provider.store.codes]:
             register(token)
-
-
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    client = make_http_client(Settings(http_read_timeout=5.0))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def oauth(http: httpx.Client, clock: FakeClock) -> OAuthClient:
-    return OAuthClient(TokenEndpointSender(http, retry_seconds=2, max_attempts=2), MetadataCache(), clock)
 
 
 def server(sandbox: SandboxHandle, secret: str, provider: str | None, client: str | None = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,7 +23,7 @@ from sqlalchemy import text
 from broker.audit import SqlAuditLog
 from broker.db import make_engine
 from broker.oauth.pkce import new_state, new_verifier
-from sandbox import SandboxHandle, SandboxProvider, run_sandbox
+from sandbox import SandboxProvider, run_sandbox
 from sandbox.server import bind_socket, url_for
 from broker.servers import servers_from_settings
 from broker.settings import Settings, load_settings
@@ -33,6 +32,7 @@ from tests.cluster import Cluster, read_all_redis, redis_available, wait_for
 from tests.conftest import missing_service
 from tests.integration.connect_browser import ConnectBrowser
 from tests.integration.test_api import KEY, Api, Served
+from tests.integration.test_api import Env as ApiEnv
 from tests.secrets import register
 from workers.api.app import create_app
 from workers.common.auditstream import persist_audit_batch
@@ -43,16 +43,8 @@ pytestmark = pytest.mark.integration
 GATEWAY_CALLBACK = "https://gateway.example.test/connect/done"
 
 
-@dataclass
-class Env:
-    cluster: Cluster
-    sandbox: SandboxHandle
-    served: Served
-    api: Api
-
-    @property
-    def url(self) -> str:
-        return self.served.url
+class Env(ApiEnv):
+    """test_api's environment, plus settings variants and the audit table."""
 
     def variant(self, **env: str) -> Settings:
         return load_settings({**self.cluster.env, **env}, env_file=None)

@@ -175,20 +175,25 @@ def complete_connect(connect_url: str, *, dot_url: str, username: str, password:
     dot_origin = urlsplit(dot_url).netloc
     with httpx.Client(timeout=20, trust_env=False, follow_redirects=False) as browser:
         _sign_in(browser, dot_url, username, password)
-        response = browser.get(connect_url)
-        for _ in range(max_hops):
-            if response.status_code in (301, 302, 303, 307, 308):
-                target = urljoin(str(response.url), response.headers["location"])
-                assert urlsplit(target).hostname == "127.0.0.1", "the flow left loopback"
-                response = browser.get(target)
-                continue
-            form = _PostForm()
-            if response.status_code == 200 and response.url.netloc.decode() != dot_origin:
-                form.feed(response.text)
-            if form.action is None:
-                break
-            response = browser.post(urljoin(str(response.url), form.action), data=form.fields,
-                                    headers={"Referer": str(response.url)})
-        else:
-            raise AssertionError(f"more than {max_hops} redirects or forms")
-        return response
+        return walk(browser, browser.get(connect_url), max_hops, forms_not_from=dot_origin)
+
+
+def walk(browser: httpx.Client, response: httpx.Response, max_hops: int = 8, *,
+         forms_not_from: str | None = None) -> httpx.Response:
+    """Follow redirects by hand (loopback only) and submit POST forms as a user's
+    click would, until a page asks for nothing more; returns that page. Forms
+    on pages of ``forms_not_from`` (an origin, e.g. a login page) are left alone."""
+    for _ in range(max_hops):
+        if response.status_code in (301, 302, 303, 307, 308):
+            target = urljoin(str(response.url), response.headers["location"])
+            assert urlsplit(target).hostname == "127.0.0.1", "the flow left loopback"
+            response = browser.get(target)
+            continue
+        form = _PostForm()
+        if response.status_code == 200 and response.url.netloc.decode() != forms_not_from:
+            form.feed(response.text)
+        if form.action is None:
+            return response
+        response = browser.post(urljoin(str(response.url), form.action), data=form.fields,
+                                headers={"Referer": str(response.url)})
+    raise AssertionError(f"more than {max_hops} redirects or forms")

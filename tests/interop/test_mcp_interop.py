@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from broker.servers import servers_from_settings
 from tests.cluster import Cluster, redis_available
 from tests.conftest import missing_service
 from tests.integration.test_api import KEY, Api, Served
-from tests.interop.dot import _PostForm
+from tests.interop.dot import walk
 from tests.interop.mcp import McpServer
 from tests.secrets import assert_no_leak, register
 from workers.api.app import create_app
@@ -48,21 +48,7 @@ def browse(connect_url: str, user: str, max_hops: int = 8) -> httpx.Response:
     """
     with httpx.Client(timeout=20, trust_env=False, follow_redirects=False,
                       headers={"X-Test-User": user}) as browser:
-        response = browser.get(connect_url)
-        for _ in range(max_hops):
-            if response.status_code in (301, 302, 303, 307, 308):
-                target = urljoin(str(response.url), response.headers["location"])
-                assert urlsplit(target).hostname == "127.0.0.1", "the flow left loopback"
-                response = browser.get(target)
-                continue
-            form = _PostForm()
-            if response.status_code == 200:
-                form.feed(response.text)
-            if form.action is None:
-                return response
-            response = browser.post(urljoin(str(response.url), form.action), data=form.fields,
-                                    headers={"Referer": str(response.url)})
-        raise AssertionError("too many redirects")
+        return walk(browser, browser.get(connect_url), max_hops)
 
 
 @dataclass

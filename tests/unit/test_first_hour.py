@@ -31,6 +31,7 @@ from broker.servers import ServerRegistry, parse_servers
 from broker.settings import PREFIX, load_settings
 from broker.store import CredentialStore
 from tests.secrets import canary
+from tests.unit.test_cli import clean_env, run  # noqa: F401 - clean_env is an autouse fixture
 from workers.cli import main as cli
 from workers.cli import procs as cli_procs
 from workers.common import embedded
@@ -39,25 +40,6 @@ from workers.cli.demo import instructions
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No CREDBROKER_* variable and no .env: each test sets exactly what it needs."""
-    for name in list(os.environ):
-        if name.startswith(PREFIX):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def free_port() -> int:
