@@ -22,7 +22,7 @@ from broker.db import make_engine
 from broker.migrate import upgrade
 from broker.settings import Settings, load_settings
 
-__all__ = ["Cluster", "wait_for", "sandbox_servers", "read_all_redis"]
+__all__ = ["Cluster", "wait_for", "wait_for_beat_scans", "sandbox_servers", "read_all_redis"]
 
 def _pick_redis_db() -> int:
     """A Redis database number of this test process's own (1-12), claimed with a
@@ -87,6 +87,21 @@ def _admin_redis(url: str) -> redis.Redis:
 
         return redis_client(load_settings({"CREDBROKER_REDIS_URL": url}, env_file=None))
     return redis.Redis.from_url(url)
+
+
+def wait_for_beat_scans(client: redis.Redis, scans: int, timeout: float = 20.0) -> None:
+    """Wait until the beat has finished ``scans`` more due scans (its cluster
+    counter), so a "nothing was sent during N scans" check spans real scans."""
+    from workers.common.metrics import _field
+    from workers.common.constants import metrics_hash
+
+    field = _field("credbroker_beat_scans_total", {})
+
+    def count() -> int:
+        return int(client.hget(metrics_hash(), field) or 0)
+
+    target = count() + scans
+    wait_for(lambda: count() >= target, timeout, 0.05, what=f"{scans} beat scans")
 
 
 def redis_available(url: str) -> bool:

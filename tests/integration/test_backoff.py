@@ -231,7 +231,12 @@ def test_a_failed_proactive_refresh_keeps_the_good_cache_entry(tmp_path: Path, p
             handle.provider.set_fault("token", "503", retry_after=2)
             c.start_beat()
             wait_for(lambda: refresh_times(handle, "503"), 30, 0.1, what="the beat's refresh attempt")
-            time.sleep(0.5)  # let the failed flight finish writing
+            store = store_of(c)
+            try:  # the failed flight has written its backoff (and left the cache alone)
+                wait_for(lambda: (row := store.get("alice", server_key("healthy", server["url"]))) is not None
+                         and row.failure_count >= 1, 20, 0.1, what="the failed refresh to be recorded")
+            finally:
+                store.engine.dispose()
             flights = METRICS.value("credbroker_resolves_total", outcome="ok", path="flight")
             for _ in range(20):
                 assert client.resolve("alice", "healthy", timeout=20).value == first.value

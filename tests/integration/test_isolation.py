@@ -27,7 +27,7 @@ from broker.models import Credential, CredentialStatus, ObtainedVia
 from sandbox.hung import HungServer
 from broker.secret import Secret
 from broker.servers import server_key
-from tests.cluster import Cluster, sandbox_servers, wait_for
+from tests.cluster import Cluster, sandbox_servers, wait_for, wait_for_beat_scans
 from tests.integration.test_cluster import sign_in, store_of
 from tests.secrets import register
 from workers.common.metrics import render_cluster
@@ -124,7 +124,7 @@ def test_hung_server_does_not_occupy_every_slot(tmp_path: Path, sandbox: Any) ->
                 stale = client.resolve("due-0", "hung", timeout=10)
                 assert time.monotonic() - t0 < 2.0
                 assert stale.value.reveal() == "Bearer cbtest-hung-due-due-0-0123456789"
-                time.sleep(1.5)  # three scans with the hung server's credentials due
+                wait_for_beat_scans(c.redis, 3)  # three scans with the hung server's credentials due
                 assert hung.accepted == accepted, "a call reached a server whose circuit is open"
                 # the limit held: calls reached the hung server one at a time, so
                 # only the two that opened the circuit (each tried twice) got through

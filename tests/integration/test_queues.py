@@ -21,7 +21,7 @@ from broker.clock import utcnow
 from broker.models import Credential, ObtainedVia
 from broker.secret import Secret
 from broker.servers import server_key
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_for, wait_for_beat_scans
 from tests.integration.test_cluster import sign_in, store_of
 from workers.celery.app import REFRESH_QUEUE
 
@@ -89,7 +89,7 @@ def test_resolve_is_not_queued_behind_beat_refreshes(tmp_path: Path, sandbox: An
         # Every due credential is renewed exactly once: no pair sent twice
         # while its refresh was queued, none lost.
         wait_for(lambda: all(exchanged().values()), 60, 0.2, what="every due credential to be renewed")
-        time.sleep(1.5)  # three more scans: nothing may be sent again
+        wait_for_beat_scans(c.redis, 3)  # three more scans: nothing may be sent again
         stop.set()
         watcher.join(2)
         counts = exchanged()
