@@ -54,7 +54,8 @@ def _start_workers(cluster: BenchCluster, count: int, threads: int) -> None:
         name = f"w{i + 1}"
         cluster.spawn(name, ["-m", "celery", "-A", "bench.celery_bench", "worker", "-c", str(threads), "-P",
                              "threads", "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
-                             "--without-mingle", "--without-heartbeat", "-Q", "credbroker", "--loglevel=WARNING"])
+                             "--without-mingle", "--without-heartbeat", "-Q", "credbroker,credbroker.refresh",
+                             "--loglevel=WARNING"])
     for i in range(count):
         ready = cluster.workdir / f"w{i + 1}@{socket.gethostname()}"
         wait_for(lambda r=ready: r.exists(), 90, f"worker w{i + 1}")
@@ -68,7 +69,8 @@ def _seed(cluster: BenchCluster, users: list[str]) -> None:
         cluster.store.put_subject_token(user, SubjectToken(Secret(token), expires))
 
 
-def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, window: int) -> dict[str, Any]:
+def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, window: int,
+                  batch: int = 32) -> dict[str, Any]:
     from workers.cli.events import BulkWarm
     from workers.common.runtime import build_runtime
 
@@ -79,8 +81,12 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
         conn.execute(text(f'CREATE DATABASE "{db}"'))
     sandbox = Sandbox(workdir, latency_ms=0)
     redis_db = _pick_db()
+    # The cluster's slots, as the README tells an operator to set them: the
+    # per-server limit is half of them.
     cluster = BenchCluster(workdir, f"redis://127.0.0.1:6379/{redis_db}", sandbox,
-                           database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db)
+                           database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db,
+                           extra_env={"CREDBROKER_WORKER_SLOTS": str(workers * threads),
+                                      **({"CREDBROKER_LOG_LEVEL": "INFO"} if os.environ.get("WB_DEBUG") else {})})
     try:
         names = [f"warm-{i:05d}" for i in range(users)]
         started = time.monotonic()
@@ -91,7 +97,7 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
         rt = build_runtime(cluster.settings)
         meter = CpuMeter(cluster)
         with cluster.client(connection=rt.redis, audit=rt.audit) as client:
-            bulk = BulkWarm(rt, client, window, 120)
+            bulk = BulkWarm(rt, client, window, 120, batch_size=batch)
             meter.start()
             started = time.monotonic()
             for user in names:
@@ -100,6 +106,9 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
             elapsed = time.monotonic() - started
             cost = meter.stop(max(1, bulk.queued))
         rt.close()
+        if bulk.failed or os.environ.get("WB_DEBUG"):
+            for name in ("w1", "w2"):
+                print(f"--- {name}.log (tail) ---\n{cluster.log(name)[-6000:]}", flush=True)
         calls = sandbox.token_calls()
         cores = os.cpu_count() or 1
         return {
@@ -108,7 +117,8 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
             "cpu_ms": cost["machine"], "cpu_ms_ours": cost["ours"], "cpu_bound": cores * 1000 / cost["machine"],
             "cpu_line": CpuMeter.describe("CPU ms per acquisition", cost), "provider_calls": calls,
             "seed_seconds": seed_seconds, "workers": workers, "threads": threads, "window": window,
-            "latency_ms": latency_ms, "load": os.getloadavg(),
+            "latency_ms": latency_ms, "load": os.getloadavg(), "batch": batch, "tally": dict(bulk.tally),
+            "joined": bulk.joined, "skipped": dict(bulk.skipped),
         }
     finally:
         cluster.stop()
@@ -171,19 +181,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--window", type=int, default=0, help="default: workers x threads")
+    parser.add_argument("--batch", type=int, default=32, help="users per warm task (credbroker warm --batch)")
+    parser.add_argument("--no-event-row", action="store_true", help="skip the event-outbox measurement")
     args = parser.parse_args()
-    ev = event_overhead()
+    ev = event_overhead() if not args.no_event_row else {"with_ms": 0.0, "without_ms": 0.0, "cpu_with_ms": 0.0,
+                                                           "cpu_without_ms": 0.0, "extra_cpu_ms": 0.0}
     print(f"event outbox on the miss path's write (PostgreSQL): wall {ev['with_ms']:.3f} ms with, "
           f"{ev['without_ms']:.3f} ms without; caller CPU {ev['cpu_with_ms']:.3f} vs {ev['cpu_without_ms']:.3f} ms "
           f"(+{ev['extra_cpu_ms']:.3f} ms)", flush=True)
     if args.users == 0:
         return
     r = run_bulk_warm(args.users, args.latency_ms, args.workers, args.threads,
-                      args.window or args.workers * args.threads)
+                      args.window or args.workers * args.threads, args.batch)
     print(f"bulk warm: {r['flights']} flights for {r['users']} users in {r['seconds']:.1f} s = {r['rate']:.0f} "
           f"acquisitions/s; slot bound {r['slot_bound']:.0f}/s; CPU bound {r['cpu_bound']:.0f}/s "
           f"({r['cpu_ms']:.2f} CPU ms per acquisition, machine; ours {r['cpu_ms_ours']:.2f}); "
-          f"provider calls {r['provider_calls']}; failed {r['failed']}; load {r['load']}")
+          f"provider calls {r['provider_calls']}; failed {r['failed']}; {r['tally']}, joined {r['joined']}, "
+          f"skipped {r['skipped']}; batch {r['batch']}; load {r['load']}")
     print(r["cpu_line"])
     print(f"event overhead: +{ev['extra_cpu_ms']:.3f} caller CPU ms = {100 * ev['extra_cpu_ms'] / r['cpu_ms']:.1f}% "
           f"of the machine's CPU per acquisition ({100 * ev['extra_cpu_ms'] / r['cpu_ms_ours']:.1f}% of ours)")

@@ -24,6 +24,7 @@ from ..settings import Settings
 from .backoff import retry_delay
 from .forms import TokenRequest
 from .responses import parse_error_response
+from .transport import ThreadLocalTransport
 
 __all__ = ["TokenEndpointSender", "make_http_client", "MAX_BODY_BYTES", "USER_AGENT", "Response"]
 
@@ -50,11 +51,11 @@ def make_http_client(settings: Settings, *, transport: httpx.BaseTransport | Non
             pool=settings.http_connect_timeout,
         ),
         follow_redirects=False,
-        # A worker process runs up to ~64-128 flight threads, each holding one
-        # connection while it waits on a provider: the pool must not be the bound.
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0),
         headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-        transport=transport,
+        # A worker process runs up to ~64-128 flight threads, each holding one
+        # connection while it waits on a provider: a small pool per thread
+        # (``transport``'s docstring says why not one shared pool).
+        transport=transport or ThreadLocalTransport(),
     )
 
 

@@ -18,18 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from broker.errors import BrokerError, PolicyDenied
-from broker.models import CredentialStatus
+from broker.models import CredentialStatus, SubjectToken
 from broker.policy import PolicyInput, enforce
 from broker.servers import Mode, ServerConfig
+from broker.store import StoredCredential
 
 from workers.common.constants import flight_key
 from workers.common.flight import new_task_id
 from workers.common.runtime import Runtime
 
-__all__ = ["WarmPlan", "plan_warm", "send_warm", "warm_user", "EXCHANGE_MODES",
+__all__ = ["WarmPlan", "plan_warm", "skip_reason", "send_warm", "warm_user", "EXCHANGE_MODES",
            "NEVER_CONNECTED", "NEEDS_RECONNECT", "SUBJECT_TOKEN_MISSING", "POLICY_DENIED"]
 
 log = logging.getLogger(__name__)
@@ -57,38 +59,46 @@ class WarmPlan:
         return [s.name for s in self.fly]
 
 
+def skip_reason(rt: Runtime, user_id: str, server: ServerConfig, stored: StoredCredential | None,
+                subject: SubjectToken | None, now: datetime) -> str | None:
+    """Why a warm of (user, server) can do nothing, from what the store holds
+    (None: fly). ``subject`` is only looked at when an exchange must mint."""
+    if server.mode is Mode.OAUTH_CONNECT:
+        if stored is None:
+            return NEVER_CONNECTED
+        if stored.status is CredentialStatus.NEEDS_RECONNECT and stored.credential.is_expired(now):
+            return NEEDS_RECONNECT
+    elif stored is None or stored.credential.is_expired(now):
+        if subject is None or subject.is_expired(now):
+            return SUBJECT_TOKEN_MISSING
+    cfg = server.auth_broker
+    data = (PolicyInput(user_id, server.name, server.key, stored.credential.scopes, stored.credential.audience,
+                        stored.credential.expires_at, stored.credential.obtained_via.value)
+            if stored is not None else
+            PolicyInput(user_id, server.name, server.key, tuple(cfg.scopes), cfg.audience, None, server.mode.value))
+    try:
+        enforce(rt.policy, data)
+    except PolicyDenied:
+        return POLICY_DENIED
+    return None
+
+
 def plan_warm(rt: Runtime, user_id: str, servers: Iterable[ServerConfig]) -> WarmPlan:
     """Decide per server whether a warm can do anything (store reads only)."""
     plan = WarmPlan(user_id)
-    subject: Any = None
+    subject: SubjectToken | None = None
     subject_read = False
     now = rt.clock.now()
     for server in servers:
         stored = rt.store.get(user_id, server.key)
-        if server.mode is Mode.OAUTH_CONNECT:
-            if stored is None:
-                plan.skipped.append({"server": server.name, "reason": NEVER_CONNECTED})
-                continue
-            if stored.status is CredentialStatus.NEEDS_RECONNECT and stored.credential.is_expired(now):
-                plan.skipped.append({"server": server.name, "reason": NEEDS_RECONNECT})
-                continue
-        elif stored is None or stored.credential.is_expired(now):
-            if not subject_read:
-                subject, subject_read = rt.store.get_subject_token(user_id), True
-            if subject is None or subject.is_expired(now):
-                plan.skipped.append({"server": server.name, "reason": SUBJECT_TOKEN_MISSING})
-                continue
-        cfg = server.auth_broker
-        data = (PolicyInput(user_id, server.name, server.key, stored.credential.scopes, stored.credential.audience,
-                            stored.credential.expires_at, stored.credential.obtained_via.value)
-                if stored is not None else
-                PolicyInput(user_id, server.name, server.key, tuple(cfg.scopes), cfg.audience, None, server.mode.value))
-        try:
-            enforce(rt.policy, data)
-        except PolicyDenied:
-            plan.skipped.append({"server": server.name, "reason": POLICY_DENIED})
-            continue
-        plan.fly.append(server)
+        if server.mode is not Mode.OAUTH_CONNECT and (stored is None or stored.credential.is_expired(now)) \
+                and not subject_read:
+            subject, subject_read = rt.store.get_subject_token(user_id), True
+        reason = skip_reason(rt, user_id, server, stored, subject, now)
+        if reason is None:
+            plan.fly.append(server)
+        else:
+            plan.skipped.append({"server": server.name, "reason": reason})
     return plan
 
 

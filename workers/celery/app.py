@@ -27,7 +27,7 @@ from .transport import SENTINEL_TRANSPORT, TRANSPORT
 
 __all__ = ["make_celery", "app", "TASK_RESOLVE", "TASK_REFRESH", "TASK_REFRESH_DUE", "TASK_PERSIST_AUDIT",
            "TASK_PRUNE_AUDIT", "QUEUE", "REFRESH_QUEUE", "QUEUES", "TASK_WARM", "TASK_WARM_USER",
-           "TASK_DELIVER_WEBHOOK"]
+           "TASK_WARM_BATCH",            "TASK_DELIVER_WEBHOOK"]
 
 TASK_RESOLVE = "broker.resolve"
 TASK_REFRESH = "broker.refresh"
@@ -39,6 +39,8 @@ PRUNE_AUDIT_SECONDS = 600
 # Pre-warming and event delivery (workers.celery.tasks_events).
 TASK_WARM = "broker.warm"
 TASK_WARM_USER = "broker.warm_user"
+# Many users of one server per task (``credbroker warm --all-users``), each pair its own flight.
+TASK_WARM_BATCH = "broker.warm_batch"
 TASK_DELIVER_WEBHOOK = "broker.deliver_webhook"
 QUEUE = "credbroker"
 REFRESH_QUEUE = QUEUE + ".refresh"
@@ -90,7 +92,8 @@ def make_celery(settings: Settings, *, main: bool = False) -> Celery:
         task_default_queue=QUEUE,
         # Background work rides the refresh queue, behind interactive resolves
         # (warm_user only plans, and a caller waits for its answer: it stays).
-        task_routes={name: {"queue": REFRESH_QUEUE} for name in (TASK_REFRESH, TASK_WARM, TASK_DELIVER_WEBHOOK)},
+        task_routes={name: {"queue": REFRESH_QUEUE} for name in (TASK_REFRESH, TASK_WARM, TASK_WARM_BATCH,
+                                                                   TASK_DELIVER_WEBHOOK)},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -30,7 +30,8 @@ from workers.common.wire import connect_url_purpose, result_purpose, seal_envelo
 from .app import REFRESH_QUEUE, TASK_PERSIST_AUDIT, TASK_REFRESH, TASK_REFRESH_DUE, TASK_RESOLVE, TASK_WARM, app
 from .refresh_scan import ScanLock, count_flight_start, plan_sends, refresh_expires_seconds, scan_budget, take_started
 
-__all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache"]
+__all__ = ["resolve", "refresh", "refresh_due", "persist_audit", "execute_flight", "error_result", "write_cache",
+           "cache_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
     same way, so callers are not sent to a failing provider; the beat retries
     on the credential's backoff schedule.
     """
+    entry = cache_entry(rt, user_id, server_key, env, acq)
+    if entry is not None:
+        rt.redis.set(entry[0], entry[1], px=entry[2])
+
+
+def cache_entry(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
+                acq: Acquisition) -> tuple[str, str, int] | None:
+    """(key, sealed value, TTL ms) of the fast-path cache entry; None when the
+    credential is already too close to expiry to cache."""
     assert rt.sealer is not None
     cred = acq.credential
     now = rt.clock.now()
@@ -52,9 +62,9 @@ def write_cache(rt: Runtime, user_id: str, server_key: str, env: dict[str, Any],
     end = cap if cred.expires_at is None else min(cred.expires_at - rt.store.near_expiry, cap)
     ttl_ms = int((end - now).total_seconds() * 1000)
     if ttl_ms <= 0:
-        return
+        return None
     key = cache_key(user_id, server_key)
-    rt.redis.set(key, seal_envelope(rt.sealer, dict(env, act="inject", out="success", rsn=None), key), px=ttl_ms)
+    return key, seal_envelope(rt.sealer, dict(env, act="inject", out="success", rsn=None), key), ttl_ms
 
 
 def error_result(rt: Runtime, task_id: str, exc: BrokerError, trigger: str) -> dict[str, Any]:

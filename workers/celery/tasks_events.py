@@ -20,7 +20,7 @@ import httpx
 from celery.signals import worker_ready, worker_shutdown
 
 from broker.audit import SqlAuditLog
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigMismatch, InvalidRequest
 from broker.events import Event, EventLog, announce_expired
 from broker.keyspace import key_prefix
 
@@ -28,16 +28,19 @@ from workers.actions.warm import warm_user
 from workers.common.auditstream import persist_audit_batch
 from workers.common.constants import PREFIX
 from workers.common.metrics import cluster_incr
-from workers.common.outcomes import FlightFailed, raise_if_failed
+from workers.common.outcomes import EXPECTED_CODES, FlightFailed, raise_if_failed
 from workers.common.runtime import Runtime, runtime
-from .app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_USER, app
+from .app import TASK_DELIVER_WEBHOOK, TASK_WARM, TASK_WARM_BATCH, TASK_WARM_USER, app
 from .tasks import _run_flight
+from .warm_batch import run_batch
 from .webhooks import DEAD, DELIVERED, FAILED, DeliveryLog, endpoint_label, message, retry_delay, signed_headers
 
-__all__ = ["warm", "warm_user_task", "deliver_webhook", "Housekeeper", "dispatch_events", "WebhookDeliveryFailed"]
+__all__ = ["warm", "warm_user_task", "warm_batch", "deliver_webhook", "Housekeeper", "dispatch_events", "WebhookDeliveryFailed"]
 
 log = logging.getLogger(__name__)
 
+# Users one warm batch task may carry (the CLI sends 32 by default).
+MAX_BATCH_USERS = 1000
 HOUSEKEEPING_LOCK = PREFIX + "housekeeping:events"
 WEBHOOK_CURSOR = "webhooks"
 # The housekeeping tick: audit moves, the expiry scan and webhook dispatch.
@@ -61,6 +64,31 @@ class WebhookDeliveryFailed(Exception):
 def warm(self: Any, user_id: str, server: str) -> dict[str, Any]:
     """A warm flight: the resolve ordering for (user, server) with no caller."""
     return raise_if_failed(_run_flight(self.request.id, user_id, server, "warm"))
+
+
+@app.task(name=TASK_WARM_BATCH, bind=True, throws=(FlightFailed,))
+def warm_batch(self: Any, server: str, user_ids: list[str], config: str | None = None) -> dict[str, Any]:
+    """Warm many users of one server, each pair its own flight
+    (``workers/celery/warm_batch.py``). Arguments and result are ids and counts."""
+    try:
+        rt = runtime()
+    except BrokerError as exc:
+        return raise_if_failed({"error": exc.to_dict()})
+    if config is not None and config != rt.servers.fingerprint:
+        return {"error": ConfigMismatch().to_dict()}
+    if not isinstance(server, str) or not isinstance(user_ids, list) or len(user_ids) > MAX_BATCH_USERS \
+            or not all(isinstance(u, str) and u for u in user_ids):
+        return {"error": InvalidRequest(f"a warm batch is a server name and at most {MAX_BATCH_USERS} "
+                                        "user ids").to_dict()}
+    try:
+        result = run_batch(rt, server, user_ids, self.backend)
+    except BrokerError as exc:
+        return raise_if_failed({"error": exc.to_dict()})
+    failures = {k: v for k, v in result["failed"].items() if k not in EXPECTED_CODES}
+    if failures:
+        raise FlightFailed(f"{sum(failures.values())} of {result['users']} warms failed: "
+                           + ", ".join(f"{k} x{v}" for k, v in sorted(failures.items())), result)
+    return result
 
 
 def _send(name: str, args: list[Any], task_id: str) -> None:

@@ -1,9 +1,10 @@
 """``credbroker warm`` and ``credbroker events``.
 
-A bulk warm is paced by a window: at most ``--window`` warm flights are
-queued or running at once, so the queue in front of interactive resolves
-never holds more than that many warms, and the per-server limits of the
-workers still apply inside each flight.
+A bulk warm is paced by a window: at most ``--window`` (user, server) pairs
+are queued or running at once, carried in batch tasks of ``--batch`` users of
+one server, so the queue in front of interactive resolves never holds more
+than a few warm tasks, and each server's concurrency limit applies inside
+every batch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from .common import add_command, check_schema, configure_logging, emit_json, set
 
 __all__ = ["register", "all_user_ids", "BulkWarm"]
 
-DEFAULT_WINDOW = 64
+# Pairs queued or running at once, and users per batch task (see BulkWarm).
+DEFAULT_WINDOW = 128
+DEFAULT_BATCH = 32
 
 
 def all_user_ids(engine: Any) -> list[str]:
@@ -35,48 +38,79 @@ def all_user_ids(engine: Any) -> list[str]:
 
 
 class BulkWarm:
-    """Warms many users through a window of outstanding flights."""
+    """Warms many users through batch tasks (``broker.warm_batch``: up to
+    ``batch_size`` users of one server each, every pair its own flight), with
+    at most ``window`` pairs queued or running at once."""
 
-    def __init__(self, rt: Any, client: Any, window: int, deadline_seconds: float) -> None:
+    def __init__(self, rt: Any, client: Any, window: int, deadline_seconds: float,
+                 batch_size: int = DEFAULT_BATCH, on_done: Any = None) -> None:
         self.rt = rt
         self.client = client
-        self.window = window
+        self.window = max(window, batch_size)
+        self.batch_size = batch_size
         self.deadline_seconds = deadline_seconds
-        self.pending: deque[str] = deque()
-        self.queued = 0
+        self.on_done = on_done  # called with the number of pairs each finished batch covered
+        self._waiting: dict[str, list[str]] = {}  # server -> users not yet sent
+        self.pending: deque[tuple[str, int]] = deque()  # (task id, pairs) in flight
+        self.outstanding = 0
+        self.sent = 0
         self.joined = 0
+        self.tally: Counter[str] = Counter()  # cached, minted, minted_elsewhere, renewed
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
-        self.done = 0
 
-    def _send(self, name: str, args: list[Any], task_id: str) -> None:
-        self.client.celery.send_task(name, args=args, task_id=task_id)
-
-    def _wait_one(self) -> None:
-        task_id = self.pending.popleft()
-        meta = self.client.waiter.wait(task_id, time.monotonic() + self.deadline_seconds, lambda: True)
-        self.done += 1
-        result = flight_result(meta)
-        if meta is None:
-            self.failed["timeout"] += 1
-        elif result is None:
-            self.failed["error"] += 1
-        elif "error" in result:
-            self.failed[str(result["error"].get("error", "error"))] += 1
+    @property
+    def queued(self) -> int:
+        """Pairs this warm flew (not skipped, not joined to a flight in progress)."""
+        return sum(self.tally.values()) + sum(self.failed.values())
 
     def user(self, user_id: str, servers: list[str] | None) -> None:
-        from workers.celery.app import TASK_WARM
-        from workers.actions.warm import warm_user
+        for name in servers if servers is not None else list(self.rt.servers):
+            waiting = self._waiting.setdefault(name, [])
+            waiting.append(user_id)
+            if len(waiting) >= self.batch_size:
+                self._send(name)
 
-        plan, started = warm_user(self.rt, user_id, servers, self._send, TASK_WARM)
-        self.queued += len(started)
-        self.joined += len(plan.fly) - len(started)
-        self.skipped.update(s["reason"] for s in plan.skipped)
-        self.pending.extend(started)
-        while len(self.pending) > self.window:
+    def _send(self, server: str) -> None:
+        from workers.celery.app import TASK_WARM_BATCH
+        from workers.common.flight import new_task_id
+
+        users = self._waiting.pop(server, [])
+        if not users:
+            return
+        while self.pending and self.outstanding + len(users) > self.window:
             self._wait_one()
+        task_id = new_task_id()
+        self.client.celery.send_task(TASK_WARM_BATCH, args=[server, users], task_id=task_id,
+                                     kwargs={"config": self.rt.servers.fingerprint})
+        self.pending.append((task_id, len(users)))
+        self.outstanding += len(users)
+        self.sent += len(users)
+
+    def _wait_one(self) -> None:
+        task_id, pairs = self.pending.popleft()
+        meta = self.client.waiter.wait(task_id, time.monotonic() + self.deadline_seconds, lambda: True)
+        self.outstanding -= pairs
+        result = flight_result(meta)
+        if meta is None:
+            self.failed["timeout"] += pairs
+        elif result is None:
+            self.failed["error"] += pairs
+        elif "error" in result:
+            # The whole batch was refused (e.g. config_mismatch, a database outage).
+            self.failed[str(result["error"].get("error", "error"))] += pairs
+        else:
+            self.joined += int(result.get("joined", 0))
+            self.tally.update({k: int(result.get(k, 0)) for k in ("cached", "minted", "minted_elsewhere",
+                                                                   "renewed")})
+            self.skipped.update(result.get("skipped") or {})
+            self.failed.update(result.get("failed") or {})
+        if self.on_done is not None:
+            self.on_done(pairs)
 
     def finish(self) -> None:
+        for server in list(self._waiting):
+            self._send(server)
         while self.pending:
             self._wait_one()
 
@@ -97,15 +131,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
         if servers is not None:
             servers = [rt.servers.get_server(n).name for n in servers]
         users = [validate_user_id(args.user, "USER")] if args.user else all_user_ids(rt.store.engine)
+        names = servers if servers is not None else list(rt.servers)
+        progress = Progress(len(users) * len(names), sys.stderr) if not args.json else None
         with BrokerClient(settings=s, connection=rt.redis, audit=rt.audit) as client:
-            bulk = BulkWarm(rt, client, args.window, s.resolve_timeout + 10)
-            progress = Progress(len(users), sys.stderr) if not args.json else None
+            bulk = BulkWarm(rt, client, args.window, s.resolve_timeout + 10, batch_size=args.batch,
+                            on_done=progress.advance if progress is not None else None)
             started = time.monotonic()
             try:
-                for n, user in enumerate(users, 1):
-                    bulk.user(user, servers)
-                    if progress is not None and (n % 100 == 0 or n == len(users)):
-                        progress.advance(n - progress.done)
+                for user in users:
+                    bulk.user(user, names)
                 bulk.finish()
             finally:
                 if progress is not None:
@@ -188,8 +222,11 @@ def register(sub: Any) -> None:
         flight, so a warm joins a resolve in progress and a fresh credential
         costs no provider call. Servers that cannot be warmed are skipped with
         a reason (never_connected, needs_reconnect, subject_token_missing,
-        policy_denied). A progress bar goes to stderr, a summary to stdout;
-        exit 1 if a flight failed.
+        policy_denied). Users travel in batch tasks of --batch users of one
+        server (one task carries many flights); at most --window pairs are
+        queued or running at once, and each server's concurrency limit holds
+        inside every batch. A progress bar (pairs done) goes to stderr, a
+        summary to stdout; exit 1 if a flight failed.
         """, """
         credbroker warm --user alice@example.com
         credbroker warm --all-users --server github
@@ -200,8 +237,10 @@ def register(sub: Any) -> None:
     who.add_argument("--all-users", action="store_true", help="warm every user the store knows")
     p.add_argument("--server", action="append", metavar="SERVER", help="only this server (repeatable)")
     p.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="N",
-                   help=f"warm flights queued or running at once (default {DEFAULT_WINDOW}); keep it below "
-                        "the cluster's worker slots so interactive resolves always find one")
+                   help=f"(user, server) pairs queued or running at once (default {DEFAULT_WINDOW}); about "
+                        "twice a server's concurrency limit keeps it busy")
+    p.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"users of one server per task (default {DEFAULT_BATCH}); 1 sends a task per pair")
     p.add_argument("--json", action="store_true", help="print the summary as JSON, no progress bar")
     p.set_defaults(handler=cmd_warm)
 

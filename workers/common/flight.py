@@ -124,6 +124,28 @@ class Claims:
         """Take the claim for one execution (``value`` from ``execution_value``)."""
         return bool(self._enter(keys=[key], args=[value, task_of(value), ttl_ms]))
 
+    # Many pairs in one round trip (a bulk warm's batch).
+
+    def claim_many(self, claims: list[tuple[str, str]], ttl_ms: int) -> list[bool]:
+        """``claim`` for each (key, value), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in claims:
+            pipe.set(key, value, nx=True, px=ttl_ms)
+        return [bool(r) for r in pipe.execute()] if claims else []
+
+    def extend_many(self, claims: list[tuple[str, str]], ttl_ms: int) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in claims:
+            self._extend(keys=[key], args=[value, ttl_ms], client=pipe)
+        return [bool(r) for r in pipe.execute()] if claims else []
+
+    def release_many(self, claims: list[tuple[str, str]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in claims:
+            self._delete(keys=[key], args=[value], client=pipe)
+        if claims:
+            pipe.execute()
+
 
 class FlightGuard:
     """Held by a running task: proves it owns the flight and keeps the claim alive.

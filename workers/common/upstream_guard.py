@@ -120,6 +120,17 @@ redis.call('pexpire', KEYS[1], ARGV[5])
 return 1
 """
 
+# KEYS[1] in-flight set. ARGV: now_ms, expiry_ms, limit, call_ms, token... Takes
+# as many of the tokens as the limit leaves room for; returns how many (the first n).
+_TAKE_SLOTS = """
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
+local n = math.min(tonumber(ARGV[3]) - redis.call('zcard', KEYS[1]), #ARGV - 4)
+if n <= 0 then return 0 end
+for i = 1, n do redis.call('zadd', KEYS[1], ARGV[2], ARGV[4 + i]) end
+redis.call('pexpire', KEYS[1], ARGV[4])
+return n
+"""
+
 
 class UpstreamRefused(UpstreamError):
     """Raised when the broker itself declined to call a server (circuit open, or
@@ -168,6 +179,7 @@ class ServerGuard:
         self._allow = client.register_script(_ALLOW)
         self._record = client.register_script(_RECORD)
         self._take = client.register_script(_TAKE_SLOT)
+        self._take_many = client.register_script(_TAKE_SLOTS)
 
     def _now_ms(self) -> int:
         return int(self.clock.now().timestamp() * 1000)
@@ -197,6 +209,21 @@ class ServerGuard:
                                                               self.limits.max_concurrency, token, self._call_ms]):
             return token
         return None
+
+    def take_slots(self, server_key: str, wanted: int) -> list[str]:
+        """Tokens for up to ``wanted`` in-flight calls at once (a bulk warm's
+        wave): as many as the server's limit leaves free, maybe none."""
+        if wanted <= 0:
+            return []
+        tokens = [uuid.uuid4().hex for _ in range(wanted)]
+        now = self._now_ms()
+        taken = self._take_many(keys=[key_prefix() + LIMIT_PREFIX + server_key],
+                                args=[now, now + self._call_ms, self.limits.max_concurrency, self._call_ms, *tokens])
+        return tokens[:int(taken)]
+
+    def release_slots(self, server_key: str, tokens: list[str]) -> None:
+        if tokens:
+            self.client.zrem(key_prefix() + LIMIT_PREFIX + server_key, *tokens)
 
     def moving(self, server_key: str) -> bool:
         """Its youngest in-flight call started within FLOW_SECONDS (or none is in flight)."""
@@ -257,9 +284,9 @@ class GuardedOAuth:
             try:
                 result = call()
             except UpstreamError as exc:
-                self._outcome(server, ok=not exc.retryable)
+                self.record_outcome(server, ok=not exc.retryable)
                 raise
-            self._outcome(server, ok=True)
+            self.record_outcome(server, ok=True)
             return result
 
     @contextmanager
@@ -279,7 +306,7 @@ class GuardedOAuth:
                                   "repeated failures", retry_after=left)
         if token is None:
             if verdict == 2:
-                self._give_back_probe(server)
+                self.give_back_probe(server)
             cluster_incr(self.guard.client, "credbroker_server_refusals_total", server=server.name,
                          reason="server_busy")
             raise UpstreamRefused("server_busy", "authorization server busy: its concurrency limit is reached")
@@ -299,14 +326,15 @@ class GuardedOAuth:
                 return token
             time.sleep(_POLL_SECONDS)
 
-    def _give_back_probe(self, server: ServerConfig) -> None:
+    def give_back_probe(self, server: ServerConfig) -> None:
         # We became the probe but cannot call: let the next caller probe at once.
         try:
-            self.guard.client.hset(BREAKER_PREFIX + server.key, mapping={"state": OPEN, "open_until": 0})
+            self.guard.client.hset(key_prefix() + BREAKER_PREFIX + server.key, mapping={"state": OPEN, "open_until": 0})
         except redis.RedisError:
             pass
 
-    def _outcome(self, server: ServerConfig, ok: bool) -> None:
+    def record_outcome(self, server: ServerConfig, ok: bool) -> None:
+        """One call's outcome into the breaker (and its gauge)."""
         try:
             state = self.guard.record(server.key, ok)
         except redis.RedisError:
