@@ -12,12 +12,13 @@ row's ``connection.connected`` event goes out in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, select
+from sqlalchemy import Integer, LargeBinary, and_, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from .db import UTCDateTime
 from .db import connection_events as E
 from .db import credentials as T
 from .db import subject_tokens as S
@@ -64,14 +65,42 @@ def subject_tokens(store: CredentialStore, user_ids: Sequence[str]) -> dict[str,
     return out
 
 
-# Built once per dialect and run as one executemany: SQLAlchemy's
-# "insertmanyvalues" sends it as multi-row INSERTs from a cached compilation.
+# SQLite (and the fallback): one executemany, which SQLAlchemy's
+# "insertmanyvalues" sends as multi-row INSERTs from a cached compilation.
 _INSERTS = {
     name: dialect.insert(T).on_conflict_do_nothing(index_elements=[T.c.user_id, T.c.server_key])
     .returning(T.c.user_id)
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _EVENTS = insert(E)
+
+# PostgreSQL: one fixed statement, rows and events together. A column per
+# array parameter (``unnest``) keeps the text and its parameter count the same
+# for any number of rows, so neither SQLAlchemy nor psycopg parses it again.
+_PG_COLUMNS = ("user_id", "server_key", "ciphertext", "key_id", "status", "obtained_via", "token_type", "scopes",
+               "audience", "issued_at", "expires_at", "refresh_at", "failure", "last_used_at", "created_at",
+               "updated_at", "version", "next_attempt_at", "failure_count", "keepalive_at", "announced_status")
+
+
+def _pg_array(column: str) -> str:
+    kind = T.c[column].type
+    base = ("bytea" if isinstance(kind, LargeBinary) else "timestamp" if isinstance(kind, UTCDateTime)
+            else "int" if isinstance(kind, Integer) else "text")
+    return f"%({column})s::{base}[]"
+
+
+_PG_FIRST_MINTS = (
+    f"WITH ins AS (INSERT INTO {T.name} ({', '.join(_PG_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(_pg_array(c) for c in _PG_COLUMNS)}) "
+    "ON CONFLICT (user_id, server_key) DO NOTHING RETURNING user_id), "
+    f"ev AS (INSERT INTO {E.name} (type, user_id, server_key, status, reason, at) "
+    "SELECT %(ev_type)s, user_id, %(ev_server)s, %(ev_status)s, NULL, %(ev_at)s FROM ins) "
+    "SELECT user_id FROM ins"
+)
+
+
+def _naive_utc(value: Any) -> Any:
+    return value.astimezone(UTC).replace(tzinfo=None) if isinstance(value, datetime) else value
 
 
 @_guarded
@@ -92,6 +121,10 @@ def insert_first_mints(store: CredentialStore, server_key: str, minted: Sequence
         rows.append(dict(values, user_id=user_id, server_key=server_key, created_at=now, version=1,
                          last_used_at=used_at, lease_owner=None, lease_until=None, announced_status=status))
     with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            params: dict[str, Any] = {c: [_naive_utc(r[c]) for r in rows] for c in _PG_COLUMNS}
+            params.update(ev_type=CONNECTED, ev_server=server_key, ev_status=status, ev_at=_naive_utc(now))
+            return {r[0] for r in conn.exec_driver_sql(_PG_FIRST_MINTS, params)}
         stmt = _INSERTS.get(conn.dialect.name)
         if stmt is None:
             raise NotImplementedError(f"bulk insert on {conn.dialect.name}")

@@ -84,6 +84,9 @@ def warm_batch(self: Any, server: str, user_ids: list[str], config: str | None =
         result = run_batch(rt, server, user_ids, self.backend)
     except BrokerError as exc:
         return raise_if_failed({"error": exc.to_dict()})
+    except Exception as exc:  # noqa: BLE001 - never let Celery store a traceback that might quote a value
+        log.error("warm batch for server %s failed: %s", server, type(exc).__name__)
+        return raise_if_failed({"error": BrokerError().to_dict()})
     failures = {k: v for k, v in result["failed"].items() if k not in EXPECTED_CODES}
     if failures:
         raise FlightFailed(f"{sum(failures.values())} of {result['users']} warms failed: "

@@ -48,6 +48,7 @@ from broker.store_bulk import get_many, insert_first_mints, subject_tokens
 from workers.actions.warm import EXCHANGE_MODES, skip_reason
 from workers.common.constants import FLIGHT_HEARTBEAT_MS, cache_key, flight_key
 from workers.common.flight import execution_value, new_task_id
+from workers.common.metrics import DeferredCounts
 from workers.common.outcomes import EXPECTED_CODES, FlightFailed, summary
 from workers.common.runtime import Runtime
 from workers.common.upstream_guard import UpstreamRefused
@@ -114,6 +115,7 @@ class _Batch:
         self.counts: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self.metrics = DeferredCounts()  # provider-call counts, written with the results
         self._held: dict[str, str] = {}  # claim key -> value, kept alive by the heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -163,6 +165,7 @@ class _Batch:
             key, value = self.backend.get_key_for_task(pair.task_id), self.backend.encode(meta)
             pipe.setex(key, expires, value) if expires else pipe.set(key, value)
             pipe.publish(key, value)
+        self.metrics.flush(pipe)
         pipe.execute()
         claims = [p.claim(self.server.key) for p, _, _ in done]
         with self._lock:
@@ -338,7 +341,8 @@ def _mint_flow(batch: _Batch, pairs: list[_Pair]) -> None:
                 tokens = _slots(batch, len(pending), waited_since)
                 for token in tokens if tokens is not None else [None] * len(pending):
                     pair = pending.popleft()
-                    fut = _mint_pool().submit(rt.oauth.mint, server, pair.subject.token)  # type: ignore[union-attr]
+                    fut = _mint_pool().submit(batch.metrics.run, rt.oauth.mint, server,
+                                              pair.subject.token)  # type: ignore[union-attr]
                     running[fut] = (pair, token)
                 if tokens is None or tokens:
                     waited_since = time.monotonic()

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from .constants import metrics_hash
 
 __all__ = ["Metrics", "METRICS", "LATENCY_BUCKETS", "CLUSTER_HASH", "ClusterCollector", "cluster_incr",
+           "DeferredCounts",
            "cluster_set", "render_cluster"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -151,8 +152,44 @@ def _field(name: str, labels: dict[str, str]) -> str:
     return name + "{" + inner + "}"
 
 
+class DeferredCounts:
+    """Cluster counts gathered on the threads of one unit of work (a bulk
+    warm's batch) and written in one round trip, instead of one per event."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, field: str, amount: int) -> None:
+        with self._lock:
+            self._counts[field] = self._counts.get(field, 0) + amount
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` with this thread's cluster counts going here."""
+        previous = getattr(_deferred, "sink", None)
+        _deferred.sink = self
+        try:
+            return fn(*args)
+        finally:
+            _deferred.sink = previous
+
+    def flush(self, pipe: Any) -> None:
+        """Queue the gathered counts on a Redis pipeline (the caller executes it)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        for field, amount in counts.items():
+            pipe.hincrby(metrics_hash(), field, amount)
+
+
+_deferred = threading.local()
+
+
 def cluster_incr(client: object, name: str, amount: int = 1, **labels: str) -> None:
     """Count an event cluster-wide; a Redis outage only loses the count."""
+    sink = getattr(_deferred, "sink", None)
+    if sink is not None:
+        sink.add(_field(name, labels), amount)
+        return
     try:
         client.hincrby(metrics_hash(), _field(name, labels), amount)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
