@@ -89,7 +89,6 @@ class _Front:
 async def _front(provider: SandboxProvider, request: Request, endpoint: str) -> _Front:
     if not provider.issuer:
         provider.issuer = str(request.base_url).rstrip("/")
-    provider.count_arrival(endpoint)  # before any latency: a test can see a call in progress
     # The whole request is read before the latency, as a real server has it before
     # it works on it: a client that dies during the delay loses the response, and
     # the request (a refresh token presented, maybe rotated) still counts.
@@ -125,6 +124,20 @@ async def _front(provider: SandboxProvider, request: Request, endpoint: str) -> 
             secret = client.client_secret if isinstance(client, ClientCredentials) else None
             response = fault_response(fault, form, secret)
     return _Front(form, client, response)
+
+
+def _counted(provider: SandboxProvider, endpoint: str, handler: Any) -> Any:
+    """``handler`` with its requests counted from arrival (before any latency: a
+    test can see a call in progress) until answered (``max_in_flight``)."""
+
+    async def run(request: Request) -> Response:
+        provider.count_arrival(endpoint)
+        try:
+            return await handler(request)
+        finally:
+            provider.count_departure(endpoint)
+
+    return run
 
 
 def _assertion_check(provider: SandboxProvider, endpoint_url: str) -> AssertionCheck:
@@ -300,12 +313,13 @@ def create_app(provider: SandboxProvider) -> Starlette:
         yield
 
     routes = [
-        Route("/.well-known/oauth-authorization-server", well_known, methods=["GET"]),
-        Route("/.well-known/openid-configuration", well_known, methods=["GET"]),
-        Route("/token", token, methods=["POST"]),
-        Route("/authorize", authorize_endpoint, methods=["GET", "POST"]),
-        Route("/revoke", revoke_endpoint, methods=["POST"]),
-        Route("/introspect", introspect_endpoint, methods=["POST"]),
+        Route("/.well-known/oauth-authorization-server", _counted(provider, "metadata", well_known),
+              methods=["GET"]),
+        Route("/.well-known/openid-configuration", _counted(provider, "metadata", well_known), methods=["GET"]),
+        Route("/token", _counted(provider, "token", token), methods=["POST"]),
+        Route("/authorize", _counted(provider, "authorize", authorize_endpoint), methods=["GET", "POST"]),
+        Route("/revoke", _counted(provider, "revoke", revoke_endpoint), methods=["POST"]),
+        Route("/introspect", _counted(provider, "introspect", introspect_endpoint), methods=["POST"]),
         Route("/test/subject-token", subject_token, methods=["POST"]),
         Route("/test/resource", resource, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         *admin_routes(provider),

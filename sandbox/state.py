@@ -154,6 +154,10 @@ class SandboxProvider:
             self._presented: dict[str, int] = {}
             self._presented_twice_by_user: dict[str, int] = {}
             self._arrivals: dict[str, int] = {}  # requests that reached the front door, per endpoint
+            # Requests being handled now, and the most at once, per endpoint: what a
+            # client's concurrency limit is checked against.
+            self._in_flight: dict[str, int] = {}
+            self._max_in_flight: dict[str, int] = {}
             self._faults_served = 0
             # jti -> until when it is remembered: one-time client assertions and DPoP proofs.
             self.seen_assertion_jtis: dict[str, float] = {}
@@ -292,8 +296,16 @@ class SandboxProvider:
             return {**body, "access_token": jwt.encode(claims, self._key), "token_type": "DPoP"}
 
     def count_arrival(self, endpoint: str) -> None:
+        """A request reached the front door; ``count_departure`` when it is answered."""
         with self.lock:
             self._arrivals[endpoint] = self._arrivals.get(endpoint, 0) + 1
+            now = self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + 1
+            self._max_in_flight[endpoint] = max(self._max_in_flight.get(endpoint, 0), now)
+
+    def count_departure(self, endpoint: str) -> None:
+        with self.lock:
+            # max(): a reset() while requests were in flight started the count over.
+            self._in_flight[endpoint] = max(0, self._in_flight.get(endpoint, 0) - 1)
 
     def count_presentation(self, token: str, sub: str) -> None:
         """A known refresh token was presented; the second time counts it as reused."""
@@ -321,6 +333,7 @@ class SandboxProvider:
                 "refresh_presented_twice": sum(self._presented_twice_by_user.values()),
                 "presented_twice_by_user": dict(self._presented_twice_by_user),
                 "arrivals": dict(self._arrivals),
+                "max_in_flight": dict(self._max_in_flight),
                 "errors": dict(self._errors),
                 "faults_served": self._faults_served,
                 "dpop_bound_tokens": self._dpop_bound,
