@@ -70,7 +70,7 @@ def _seed(cluster: BenchCluster, users: list[str]) -> None:
 
 
 def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, window: int,
-                  batch: int = 32) -> dict[str, Any]:
+                  batch: int = 32, server_limit: int = 0) -> dict[str, Any]:
     from workers.cli.events import BulkWarm
     from workers.common.runtime import build_runtime
 
@@ -86,6 +86,8 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
     cluster = BenchCluster(workdir, f"redis://127.0.0.1:6379/{redis_db}", sandbox,
                            database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db,
                            extra_env={"CREDBROKER_WORKER_SLOTS": str(workers * threads),
+                                      **({"CREDBROKER_SERVER_MAX_CONCURRENCY": str(server_limit)}
+                                         if server_limit else {}),
                                       **({"CREDBROKER_LOG_LEVEL": "INFO"} if os.environ.get("WB_DEBUG") else {})})
     try:
         names = [f"warm-{i:05d}" for i in range(users)]
@@ -118,6 +120,7 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
             "cpu_line": CpuMeter.describe("CPU ms per acquisition", cost), "provider_calls": calls,
             "seed_seconds": seed_seconds, "workers": workers, "threads": threads, "window": window,
             "latency_ms": latency_ms, "load": os.getloadavg(), "batch": batch, "tally": dict(bulk.tally),
+            "server_limit": server_limit or max(1, workers * threads // 2),
             "joined": bulk.joined, "skipped": dict(bulk.skipped),
         }
     finally:
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=0, help="default: workers x threads")
     parser.add_argument("--batch", type=int, default=32, help="users per warm task (credbroker warm --batch)")
     parser.add_argument("--no-event-row", action="store_true", help="skip the event-outbox measurement")
+    parser.add_argument("--server-limit", type=int, default=0,
+                        help="CREDBROKER_SERVER_MAX_CONCURRENCY (default: unset, half of the workers' slots)")
     args = parser.parse_args()
     ev = event_overhead() if not args.no_event_row else {"with_ms": 0.0, "without_ms": 0.0, "cpu_with_ms": 0.0,
                                                            "cpu_without_ms": 0.0, "extra_cpu_ms": 0.0}
@@ -192,12 +197,12 @@ def main() -> None:
     if args.users == 0:
         return
     r = run_bulk_warm(args.users, args.latency_ms, args.workers, args.threads,
-                      args.window or args.workers * args.threads, args.batch)
+                      args.window or args.workers * args.threads, args.batch, args.server_limit)
     print(f"bulk warm: {r['flights']} flights for {r['users']} users in {r['seconds']:.1f} s = {r['rate']:.0f} "
           f"acquisitions/s; slot bound {r['slot_bound']:.0f}/s; CPU bound {r['cpu_bound']:.0f}/s "
           f"({r['cpu_ms']:.2f} CPU ms per acquisition, machine; ours {r['cpu_ms_ours']:.2f}); "
           f"provider calls {r['provider_calls']}; failed {r['failed']}; {r['tally']}, joined {r['joined']}, "
-          f"skipped {r['skipped']}; batch {r['batch']}; load {r['load']}")
+          f"skipped {r['skipped']}; batch {r['batch']}; server limit {r['server_limit']}; load {r['load']}")
     print(r["cpu_line"])
     print(f"event overhead: +{ev['extra_cpu_ms']:.3f} caller CPU ms = {100 * ev['extra_cpu_ms'] / r['cpu_ms']:.1f}% "
           f"of the machine's CPU per acquisition ({100 * ev['extra_cpu_ms'] / r['cpu_ms_ours']:.1f}% of ours)")
