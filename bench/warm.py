@@ -34,9 +34,24 @@ from broker.secret import Secret
 from .cluster import BenchCluster, Sandbox, wait_for
 from .cpu import CpuMeter
 
-__all__ = ["run_bulk_warm", "event_overhead"]
+__all__ = ["run_bulk_warm", "event_overhead", "create_scratch_db", "drop_scratch_db"]
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def create_scratch_db(prefix: str) -> tuple[Any, str, str]:
+    """A new PostgreSQL database: (admin engine, its name, its URL); ``drop_scratch_db`` removes it."""
+    db = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    return admin, db, PG_ADMIN.rsplit("/", 1)[0] + "/" + db
+
+
+def drop_scratch_db(admin: Any, db: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def _pick_db() -> int:
@@ -84,16 +99,13 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
     from workers.common.runtime import build_runtime
 
     workdir = Path(tempfile.mkdtemp(prefix="credbroker-bench-warm-"))
-    db = f"credbroker_bench_warm_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    admin, db, db_url = create_scratch_db("credbroker_bench_warm")
     sandbox = Sandbox(workdir, latency_ms=0)
     redis_db = _pick_db()
     # The cluster's slots, as the README tells an operator to set them: the
     # per-server limit is half of them.
     cluster = BenchCluster(workdir, f"redis://127.0.0.1:6379/{redis_db}", sandbox,
-                           database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db,
+                           database_url=db_url,
                            extra_env={"CREDBROKER_WORKER_SLOTS": str(workers * threads),
                                       **({"CREDBROKER_SERVER_MAX_CONCURRENCY": str(server_limit)}
                                          if server_limit else {}),
@@ -147,9 +159,7 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
         import redis
 
         redis.Redis(host="127.0.0.1", port=6379, db=0).delete(f"credbroker-test:db-lock:{redis_db}")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+        drop_scratch_db(admin, db)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -161,11 +171,8 @@ def event_overhead(rows: int = 2000) -> dict[str, float]:
     from broker.migrate import upgrade
     from broker.store import CredentialStore
 
-    db = f"credbroker_bench_ev_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    engine = make_engine(PG_ADMIN.rsplit("/", 1)[0] + "/" + db)
+    admin, db, db_url = create_scratch_db("credbroker_bench_ev")
+    engine = make_engine(db_url)
     try:
         upgrade(engine)
         store = CredentialStore(engine, Keyring((("k", os.urandom(32)),)))
@@ -190,9 +197,7 @@ def event_overhead(rows: int = 2000) -> dict[str, float]:
                 "extra_cpu_ms": cw - cwo}
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+        drop_scratch_db(admin, db)
 
 
 def main() -> None:

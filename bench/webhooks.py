@@ -33,7 +33,6 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,7 +42,6 @@ from celery.signals import task_prerun, task_retry
 from sqlalchemy import func, select, text
 
 from broker.clock import utcnow
-from broker.db import make_engine
 from broker.models import Credential, ObtainedVia
 from broker.secret import Secret
 from broker.servers import server_key
@@ -51,7 +49,7 @@ from broker.servers import server_key
 from .celery_bench import app  # noqa: F401 - the workers' app (``-A bench.webhooks``)
 from .cluster import BenchCluster, Sandbox, wait_for
 from .cpu import CpuMeter, _cpu_seconds
-from .warm import PG_ADMIN, _pick_db
+from .warm import _pick_db, create_scratch_db, drop_scratch_db
 
 __all__ = ["Receiver", "run_webhooks", "main"]
 
@@ -232,10 +230,7 @@ def run_webhooks(events: int, workers: int = 2, threads: int = 64, writers: int 
     from broker.db import webhook_deliveries as W
 
     workdir = Path(tempfile.mkdtemp(prefix="credbroker-bench-webhooks-"))
-    db = f"credbroker_bench_wh_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_size=1)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    admin, db, db_url = create_scratch_db("credbroker_bench_wh")
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     receiver = Receiver(secret, receiver_ms / 1000)
     receiver.expected = events
@@ -246,7 +241,7 @@ def run_webhooks(events: int, workers: int = 2, threads: int = 64, writers: int 
         sandbox = Sandbox(workdir, latency_ms=0)
         redis_db = _pick_db()
         cluster = BenchCluster(workdir, f"redis://127.0.0.1:6379/{redis_db}", sandbox,
-                               database_url=PG_ADMIN.rsplit("/", 1)[0] + "/" + db,
+                               database_url=db_url,
                                extra_env={"CREDBROKER_WORKER_SLOTS": str(workers * threads),
                                           "CREDBROKER_WEBHOOK_URLS": receiver.url,
                                           "CREDBROKER_WEBHOOK_SECRET": secret})
@@ -314,9 +309,7 @@ def run_webhooks(events: int, workers: int = 2, threads: int = 64, writers: int 
             import redis
 
             redis.Redis(host="127.0.0.1", port=6379, db=0).delete(f"credbroker-test:db-lock:{redis_db}")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
+        drop_scratch_db(admin, db)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

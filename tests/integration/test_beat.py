@@ -140,7 +140,9 @@ def test_rotation_fast_path_two_beats_and_no_secret_in_redis(tmp_path: Path, san
         # rotating refresh tokens: >= 3 cycles in 3 lifetimes, no reuse, no invalid_grant
         refreshes = stats["by_user"].get("rita", {}).get("refresh_token", 0)
         assert refreshes >= 5
-        assert refreshes == len(seen["rita"]) - 1 or refreshes == len(seen["rita"])  # last one may not be served yet
+        # Every refresh's token was served, except those the beat made after the
+        # callers stopped (it keeps running until the stats are read): at most two.
+        assert 0 <= refreshes - (len(seen["rita"]) - 1) <= 2
         assert stats["reuse_detected"] == 0
         assert stats["errors"].get("invalid_grant", 0) == 0
         assert rita.status is CredentialStatus.CONNECTED
