@@ -3,6 +3,7 @@ cluster counts a batch gathers before writing them once."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -56,6 +57,9 @@ def test_each_thread_gets_its_own_pool_and_close_closes_all(recording) -> None: 
         t.join()
     assert len(recording.made) == 4
     assert all(len(t.threads) == 1 for t in recording.made)
+    gc.collect()
+    assert all(t.closed for t in recording.made[1:])  # the ended threads' pools are closed
+    assert not recording.made[0].closed  # this thread's is still in use
     client.close()
     assert all(t.closed for t in recording.made)
     errors: list[BaseException] = []

@@ -15,10 +15,11 @@ dozen users of one server and, per (user, server) pair:
   here, or run the ordinary flight body (``execute_flight``) for anything
   else (a renewal under the row's lease, a stale or backing-off row), so
   every rule that guards a refresh token stays in one place;
-- mints in waves through the server's breaker and concurrency limit (the
-  slots of a wave taken in one script call), on a per-process thread pool;
-- writes a wave's first mints and their ``connection.connected`` events in one
-  transaction (``broker.store_bulk``); a pair another flight wrote first
+- mints through the server's breaker and concurrency limit on a per-process
+  thread pool, starting calls as slots free up (several slots taken in one
+  script call) and freeing each slot as its call returns;
+- writes each group of finished first mints and their ``connection.connected``
+  events in one transaction (``broker.store_bulk``); a pair another flight wrote first
   serves the winner's record, as ``Resolver._mint`` does;
 - stores results, cache entries and claim releases in pipelines.
 """
