@@ -34,7 +34,8 @@ from broker.secret import Secret
 from .cluster import BenchCluster, Sandbox, wait_for
 from .cpu import CpuMeter
 
-__all__ = ["run_bulk_warm", "event_overhead", "create_scratch_db", "drop_scratch_db"]
+__all__ = ["run_bulk_warm", "event_overhead", "create_scratch_db", "drop_scratch_db",
+           "start_thread_workers"]
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -64,16 +65,22 @@ def _pick_db() -> int:
     raise RuntimeError("no free Redis database among 1-12")
 
 
-def _start_workers(cluster: BenchCluster, count: int, threads: int) -> None:
+def start_thread_workers(cluster: BenchCluster, count: int, threads: int,
+                         app: str = "bench.celery_bench") -> None:
+    """``count`` workers with the default pool (threads) on both queues; waits until each consumes."""
     for i in range(count):
         name = f"w{i + 1}"
-        cluster.spawn(name, ["-m", "celery", "-A", "bench.celery_bench", "worker", "-c", str(threads), "-P",
+        cluster.spawn(name, ["-m", "celery", "-A", app, "worker", "-c", str(threads), "-P",
                              "threads", "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
                              "--without-mingle", "--without-heartbeat", "-Q", "credbroker,credbroker.refresh",
                              "--loglevel=WARNING"])
     for i in range(count):
-        ready = cluster.workdir / f"w{i + 1}@{socket.gethostname()}"
-        wait_for(lambda r=ready: r.exists(), 90, f"worker w{i + 1}")
+        name = f"w{i + 1}"
+        ready = cluster.workdir / f"{name}@{socket.gethostname()}"
+        proc = cluster.procs[name]
+        wait_for(lambda r=ready, p=proc: r.exists() or p.poll() is not None, 90, f"worker {name}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker {name} exited:\n{cluster.log(name)[-3000:]}")
 
 
 def _seed(cluster: BenchCluster, users: list[str]) -> None:
@@ -116,7 +123,7 @@ def run_bulk_warm(users: int, latency_ms: int, workers: int, threads: int, windo
         started = time.monotonic()
         _seed(cluster, names + cold)
         seed_seconds = time.monotonic() - started
-        _start_workers(cluster, workers, threads)
+        start_thread_workers(cluster, workers, threads)
         sandbox.set_latency(latency_ms)
         rt = build_runtime(cluster.settings)
         meter = CpuMeter(cluster)

@@ -28,7 +28,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from broker.servers import server_key
 from .celery_bench import app  # noqa: F401 - the workers' app (``-A bench.webhooks``)
 from .cluster import BenchCluster, Sandbox, wait_for
 from .cpu import CpuMeter, _cpu_seconds
-from .warm import _pick_db, create_scratch_db, drop_scratch_db
+from .warm import _pick_db, create_scratch_db, drop_scratch_db, start_thread_workers
 
 __all__ = ["Receiver", "run_webhooks", "main"]
 
@@ -174,22 +173,6 @@ def _pg_backends(admin: Any, db: str) -> dict[int, float]:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _start_workers(cluster: BenchCluster, count: int, threads: int) -> None:
-    for i in range(count):
-        name = f"w{i + 1}"
-        cluster.spawn(name, ["-m", "celery", "-A", "bench.webhooks", "worker", "-c", str(threads), "-P",
-                             "threads", "-n", f"{name}@{socket.gethostname()}", "--without-gossip",
-                             "--without-mingle", "--without-heartbeat", "-Q", "credbroker,credbroker.refresh",
-                             "--loglevel=WARNING"])
-    for i in range(count):
-        name = f"w{i + 1}"
-        ready = cluster.workdir / f"{name}@{socket.gethostname()}"
-        proc = cluster.procs[name]
-        wait_for(lambda r=ready, p=proc: r.exists() or p.poll() is not None, 90, f"worker {name}")
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker {name} exited:\n{cluster.log(name)[-3000:]}")
-
-
 def _write_events(cluster: BenchCluster, users: list[str], key: str, writers: int,
                   rate: float = 0.0) -> tuple[float, float]:
     """First credential writes for ``users`` from ``writers`` threads (paced to
@@ -245,7 +228,7 @@ def run_webhooks(events: int, workers: int = 2, threads: int = 64, writers: int 
                                extra_env={"CREDBROKER_WORKER_SLOTS": str(workers * threads),
                                           "CREDBROKER_WEBHOOK_URLS": receiver.url,
                                           "CREDBROKER_WEBHOOK_SECRET": secret})
-        _start_workers(cluster, workers, threads)
+        start_thread_workers(cluster, workers, threads, app="bench.webhooks")
         engine = cluster.store.engine
         # The dispatcher has run once (it creates its cursor on its first empty tick).
         wait_for(lambda: _scalar(engine, select(C.c.position).where(C.c.name == "webhooks")) is not None, 30,
