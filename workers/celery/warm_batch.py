@@ -167,12 +167,14 @@ class _Batch:
             pipe.setex(key, expires, value) if expires else pipe.set(key, value)
             pipe.publish(key, value)
         self.metrics.flush(pipe)
-        pipe.execute()
+        # Released after the results, in the same round trip: a joiner that
+        # finds the claim gone finds the result there.
         claims = [p.claim(self.server.key) for p, _, _ in done]
+        self.rt.claims.queue_releases(pipe, claims)
         with self._lock:
             for key, _ in claims:
                 self._held.pop(key, None)
-        self.rt.claims.release_many(claims)
+        pipe.execute()
 
     def answer(self, pair: _Pair, acq: Acquisition) -> tuple[_Pair, dict[str, Any], tuple[str, str, int] | None]:
         assert self.rt.sealer is not None

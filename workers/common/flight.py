@@ -141,10 +141,14 @@ class Claims:
 
     def release_many(self, claims: list[tuple[str, str]]) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for key, value in claims:
-            self._delete(keys=[key], args=[value], client=pipe)
+        self.queue_releases(pipe, claims)
         if claims:
             pipe.execute()
+
+    def queue_releases(self, pipe: Any, claims: list[tuple[str, str]]) -> None:
+        """``release`` for each (key, value), queued on a caller's pipeline (same Redis)."""
+        for key, value in claims:
+            self._delete(keys=[key], args=[value], client=pipe)
 
 
 class FlightGuard:
